@@ -1,0 +1,124 @@
+"""Plain-PyTorch reference of every computation in lopa.
+
+This module is the specification: every fused kernel (C++ on the CPU, Triton on the GPU)
+is tested against these functions, evaluated in higher precision.  The functions take
+the canonical *bank* layout used by all backends:
+
+* LoPA gate: ``zs`` (T, m, d), ``u`` (B, m, r), ``v`` (B, r, d), ``task_ids`` (B,) or
+  ``None`` (then T must be 1 and every row uses task 0).
+* ULPT: ``z`` (T, n, r), ``proj`` (r, d), ``scale`` / ``shift`` (T, d), ``task_ids`` (B,)
+  or ``None`` (then one output per task).
+
+Forward functions are differentiable through autograd.  The ``*_backward`` functions
+spell the gradients out explicitly; kernels implement exactly these formulas.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "gated_prompt",
+    "gated_prompt_backward",
+    "ulpt_prompt",
+    "ulpt_prompt_backward",
+    "rows_per_task",
+]
+
+
+def _task_rows(bank: Tensor, task_ids: Optional[Tensor], batch: int) -> Tensor:
+    """Per-row view of a bank: ``bank[task_ids]``, or task 0 broadcast to every row."""
+    if task_ids is None:
+        return bank[0].expand(batch, *bank.shape[1:])
+    return bank.index_select(0, task_ids.long())
+
+
+def rows_per_task(values: Tensor, task_ids: Optional[Tensor], num_tasks: int) -> Tensor:
+    """Sum the rows of ``values`` (B, ...) that belong to each task -> (T, ...).
+
+    Tasks no row uses get zeros.  Summed in a fixed order (deterministic on every
+    device), unlike ``index_add_`` which uses atomics on CUDA.
+    """
+    if task_ids is None:
+        return values.sum(0, keepdim=True)
+    onehot = torch.nn.functional.one_hot(task_ids.long(), num_tasks).to(values.dtype)
+    return torch.einsum("bt,b...->t...", onehot, values)
+
+
+# ----------------------------------------------------------------------------- LoPA
+def gated_prompt(zs: Tensor, u: Tensor, v: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
+    """``out[b] = zs[t_b] * sigmoid(u[b] @ v[b])`` -> (B, m, d).
+
+    Half inputs are computed in float32 and rounded once at the end, like the kernels.
+    """
+    compute = torch.float32 if zs.dtype in (torch.float16, torch.bfloat16) else zs.dtype
+    gate = torch.sigmoid(torch.bmm(u.to(compute), v.to(compute)))
+    out = _task_rows(zs, task_ids, u.shape[0]).to(compute) * gate
+    return out.to(zs.dtype)
+
+
+def gated_prompt_backward(
+    grad_out: Tensor, zs: Tensor, u: Tensor, v: Tensor, task_ids: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Explicit gradients of :func:`gated_prompt` with respect to ``(zs, u, v)``.
+
+    With ``g = sigmoid(u v)`` and ``G`` the incoming gradient:
+    ``dZs[t] = sum_{b: t_b = t} G_b * g_b``,
+    ``H_b = G_b * Zs[t_b] * g_b (1 - g_b)``, ``du_b = H_b v_b^T``, ``dv_b = u_b^T H_b``.
+    """
+    compute = torch.float32 if zs.dtype in (torch.float16, torch.bfloat16) else zs.dtype
+    g32, u32, v32 = grad_out.to(compute), u.to(compute), v.to(compute)
+    gate = torch.sigmoid(torch.bmm(u32, v32))
+    rows = _task_rows(zs, task_ids, u.shape[0]).to(compute)
+    grad_zs = rows_per_task(g32 * gate, task_ids, zs.shape[0])
+    h = g32 * rows * gate * (1 - gate)
+    grad_u = torch.bmm(h, v32.transpose(1, 2))
+    grad_v = torch.bmm(u32.transpose(1, 2), h)
+    return grad_zs.to(zs.dtype), grad_u.to(u.dtype), grad_v.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------- ULPT
+def ulpt_prompt(
+    z: Tensor, proj: Tensor, scale: Tensor, shift: Tensor, task_ids: Optional[Tensor] = None
+) -> Tensor:
+    """``out[t] = (z[t] @ proj) * scale[t] + shift[t]``; with ``task_ids`` row b is task t_b."""
+    compute = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
+    out = torch.matmul(z.to(compute), proj.to(compute)) * scale.to(compute)[:, None, :]
+    out = out + shift.to(compute)[:, None, :]
+    if task_ids is not None:
+        out = out.index_select(0, task_ids.long())
+    return out.to(z.dtype)
+
+
+def ulpt_prompt_backward(
+    grad_out: Tensor,
+    z: Tensor,
+    proj: Tensor,
+    scale: Tensor,
+    task_ids: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Explicit gradients of :func:`ulpt_prompt` w.r.t. ``(z, proj, scale, shift)``.
+
+    Rows of one task are first summed (the map is linear in its output gradient):
+    ``G_t = sum_{b: t_b = t} G_b``; then ``dshift_t = sum_n G_t``,
+    ``dscale_t = sum_n G_t * (z_t P)``, ``dz_t = (G_t * s_t) P^T``,
+    ``dP = sum_t z_t^T (G_t * s_t)``.
+    """
+    compute = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
+    g = grad_out.to(compute)
+    if task_ids is not None:
+        g = rows_per_task(g, task_ids, z.shape[0])
+    z32, p32, s32 = z.to(compute), proj.to(compute), scale.to(compute)
+    grad_shift = g.sum(1)
+    grad_scale = (g * torch.matmul(z32, p32)).sum(1)
+    gs = g * s32[:, None, :]
+    grad_z = torch.matmul(gs, p32.t())
+    grad_proj = torch.einsum("tnr,tnd->rd", z32, gs)
+    return (
+        grad_z.to(z.dtype),
+        grad_proj.to(proj.dtype),
+        grad_scale.to(scale.dtype),
+        grad_shift.to(scale.dtype),
+    )

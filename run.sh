@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine.
+#   bash run.sh          install lopa (reusing an installed torch) and run the main job
+#   bash run.sh test     install lopa with its test extras and run the test suite
+# Extra arguments after the mode go to the main job / pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+mode=${1:-main}
+[ $# -gt 0 ] && shift
+
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+ensure_torch() {
+    # Reuse whatever torch is installed; only a machine without one gets a pinned CPU-friendly
+    # release (a bare `torch` requirement would pull the newest multi-GB CUDA build).
+    if ! "$PY" -c "import torch" 2>/dev/null; then
+        echo "[lopa] torch not found: installing torch==${LOPA_TORCH_VERSION:-2.13.0}"
+        pip_install "torch==${LOPA_TORCH_VERSION:-2.13.0}"
+    fi
+}
+
+install_lopa() {
+    local extras=$1
+    ensure_torch
+    pip_install setuptools wheel ninja
+    echo "[lopa] installing lopa[$extras] and building the C++ extension"
+    pip_install --no-build-isolation -e ".[$extras]"
+}
+
+case "$mode" in
+    main)
+        install_lopa hf
+        exec "$PY" -m lopa main "$@"
+        ;;
+    test)
+        install_lopa dev
+        exec "$PY" -m pytest -q "$@"
+        ;;
+    *)
+        echo "usage: bash run.sh [main|test] [args...]" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,185 @@
+"""Every backend of both ops against the float64 reference: forward and every gradient."""
+import pytest
+import torch
+
+import lopa
+from lopa import reference
+from lopa.testing import assert_matches_reference, poisoned_outputs, randn
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# (B, m, r, d, T, task_ids): odd non-power-of-2 shapes, r = 1, a rank that takes the
+# matrix-unit path, and banks with repeated and unused tasks.
+GATED_CASES = [
+    pytest.param(5, 7, 3, 129, None, None, id="single-B5-m7-r3-d129"),
+    pytest.param(3, 10, 1, 64, None, None, id="single-r1"),
+    pytest.param(4, 33, 17, 70, None, None, id="single-r17"),
+    pytest.param(6, 5, 4, 97, 4, [2, 0, 2, 2, 0, 2], id="bank-repeated-unused"),
+    pytest.param(7, 9, 2, 31, 3, [1, 1, 1, 1, 1, 1, 1], id="bank-one-task-used"),
+    pytest.param(1, 1, 1, 1, None, None, id="all-ones"),
+]
+
+# (T, n, r, d, task_ids, shared_scale)
+ULPT_CASES = [
+    pytest.param(None, 7, 3, 129, None, False, id="single-n7-r3-d129"),
+    pytest.param(None, 10, 1, 64, None, False, id="single-r1"),
+    pytest.param(None, 5, 64, 96, None, False, id="single-r64"),
+    pytest.param(3, 6, 2, 101, None, False, id="bank"),
+    pytest.param(3, 6, 2, 101, None, True, id="bank-shared-scale"),
+    pytest.param(4, 5, 3, 67, [3, 0, 3, 3, 0], False, id="bank-task-ids-unused"),
+    pytest.param(2, 9, 20, 45, [1, 1, 1], True, id="bank-task-ids-shared-r20"),
+]
+
+
+def _skip_unsupported(backend, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("Triton runs float16/bfloat16/float32")
+
+
+def _gated_inputs(B, m, r, d, T, ids, dtype, device, seed=0, noncontig=True):
+    g = torch.Generator().manual_seed(seed)
+    zs_shape = (m, d) if T is None else (T, m, d)
+    zs = randn(zs_shape, dtype, device, g, transpose_last=noncontig)
+    u = randn((B, m, r), dtype, device, g)[:, :, :] if not noncontig else randn((B, m, 2 * r), dtype, device, g)[:, :, ::2]
+    v = randn((B, r, d), dtype, device, g, transpose_last=noncontig)  # (B, d, r) head output, transposed
+    task_ids = None if ids is None else torch.tensor(ids, dtype=torch.int32, device=device)
+    return zs, u, v, task_ids
+
+
+def _gated_reference(zs, u, v, task_ids):
+    bank = zs.double() if zs.dim() == 3 else zs.double()[None]
+    return reference.gated_prompt(bank, u.double(), v.double(), task_ids)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,m,r,d,T,ids", GATED_CASES)
+def test_gated_forward_backward(backend, device, dtype, B, m, r, d, T, ids):
+    _skip_unsupported(backend, dtype)
+    zs, u, v, task_ids = _gated_inputs(B, m, r, d, T, ids, dtype, device)
+    leaves = [t.detach().requires_grad_() for t in (zs, u, v)]
+    refs = [t.detach().double().requires_grad_() for t in (zs, u, v)]
+    with poisoned_outputs():
+        out = lopa.gated_lowrank_prompt(*leaves, task_ids, backend=backend)
+        grad = randn(out.shape, dtype, device, torch.Generator().manual_seed(1))
+        out.backward(grad)
+    want = _gated_reference(*refs, task_ids)
+    want.backward(grad.double())
+    assert_matches_reference(out, want, dtype, "out")
+    for name, leaf, ref in zip(("zs", "u", "v"), leaves, refs):
+        assert_matches_reference(leaf.grad, ref.grad, dtype, f"grad {name}")
+        assert leaf.grad.shape == leaf.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,n,r,d,ids,shared", ULPT_CASES)
+@pytest.mark.parametrize("train_proj", [False, True], ids=["frozen-P", "tuned-P"])
+def test_ulpt_forward_backward(backend, device, dtype, T, n, r, d, ids, shared, train_proj):
+    _skip_unsupported(backend, dtype)
+    g = torch.Generator().manual_seed(2)
+    single = T is None
+    z = randn((n, r) if single else (T, n, r), dtype, device, g)
+    proj = randn((d, r), dtype, device, g, transpose_last=False).t()  # non-contiguous P
+    vec_shape = (d,) if single or shared else (T, d)
+    scale, shift = randn(vec_shape, dtype, device, g), randn(vec_shape, dtype, device, g)
+    task_ids = None if ids is None else torch.tensor(ids, device=device)
+    leaves = [t.detach().requires_grad_() for t in (z, proj, scale, shift)]
+    leaves[1].requires_grad_(train_proj)
+    refs = [t.detach().double().requires_grad_() for t in (z, proj, scale, shift)]
+    with poisoned_outputs():
+        out = lopa.ulpt_prompt(*leaves, task_ids, backend=backend)
+        grad = randn(out.shape, dtype, device, torch.Generator().manual_seed(3))
+        out.backward(grad)
+    want = lopa.ulpt_prompt(*refs, task_ids, backend="reference")
+    want.backward(grad.double())
+    assert_matches_reference(out, want, dtype, "out")
+    for name, leaf, ref in zip(("z", "proj", "scale", "shift"), leaves, refs):
+        if name == "proj" and not train_proj:
+            assert leaf.grad is None
+            continue
+        assert_matches_reference(leaf.grad, ref.grad, dtype, f"grad {name}")
+
+
+def test_unused_tasks_get_zero_gradient(backend, device):
+    dtype = torch.float32
+    zs, u, v, task_ids = _gated_inputs(4, 3, 2, 17, 5, [1, 3, 1, 3], dtype, device)
+    zs.requires_grad_()
+    lopa.gated_lowrank_prompt(zs, u, v, task_ids, backend=backend).sum().backward()
+    assert torch.equal(zs.grad[[0, 2, 4]], torch.zeros_like(zs.grad[[0, 2, 4]]))
+    assert zs.grad[[1, 3]].abs().min() > 0
+
+
+def test_transposed_head_output_is_not_copied(backend, device, monkeypatch):
+    """A (B, d, r) head output passed as .transpose(1, 2) must reach the kernel as a view."""
+    if backend == "reference":
+        pytest.skip("the reference path is plain torch")
+    zs, u, v, _ = _gated_inputs(3, 4, 2, 40, None, None, torch.float32, device)
+    assert not v.is_contiguous()
+    calls = []
+    original = torch.Tensor.contiguous
+
+    def spy(self, *args, **kwargs):
+        if self.data_ptr() == v.data_ptr():
+            calls.append(self.shape)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", spy)
+    lopa.gated_lowrank_prompt(zs, u, v, backend=backend)
+    assert calls == []
+
+
+@pytest.mark.parametrize("op", ["gated", "ulpt"])
+def test_deterministic(backend, device, op):
+    """Two runs give bitwise-equal outputs and gradients (no atomics in the reductions)."""
+    def run():
+        g = torch.Generator().manual_seed(5)
+        if op == "gated":
+            ins = [randn(s, torch.float32, device, g).requires_grad_() for s in ((6, 9, 33), (64, 9, 3), (64, 3, 33))]
+            ids = torch.randint(0, 6, (64,), generator=g).to(device)
+            out = lopa.gated_lowrank_prompt(*ins, ids, backend=backend)
+        else:
+            ins = [randn(s, torch.float32, device, g).requires_grad_() for s in ((5, 9, 3), (3, 33), (5, 33), (5, 33))]
+            ids = torch.randint(0, 5, (64,), generator=g).to(device)
+            out = lopa.ulpt_prompt(*ins, ids, backend=backend)
+        out.backward(torch.randn(out.shape, generator=g).to(device))
+        return [out.detach()] + [t.grad for t in ins]
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("B,m,r,d", [(0, 4, 2, 8), (3, 0, 2, 8), (3, 4, 2, 0), (3, 4, 0, 8)])
+def test_gated_zero_size(backend, device, B, m, r, d):
+    zs, u, v, _ = _gated_inputs(B, m, r, d, None, None, torch.float32, device, noncontig=False)
+    zs.requires_grad_(), u.requires_grad_(), v.requires_grad_()
+    out = lopa.gated_lowrank_prompt(zs, u, v, backend=backend)
+    assert out.shape == (B, m, d)
+    want = _gated_reference(zs, u, v, None)
+    assert torch.allclose(out.double(), want)  # r = 0: the gate is 0.5 everywhere
+    out.sum().backward()
+    assert zs.grad.shape == zs.shape and u.grad.shape == u.shape and v.grad.shape == v.shape
+
+
+@pytest.mark.parametrize("T,n,r,d", [(0, 3, 2, 8), (2, 0, 2, 8), (2, 3, 2, 0)])
+def test_ulpt_zero_size(backend, device, T, n, r, d):
+    g = torch.Generator().manual_seed(0)
+    ins = [randn(s, torch.float32, device, g).requires_grad_() for s in ((T, n, r), (r, d), (T, d), (T, d))]
+    out = lopa.ulpt_prompt(*ins, backend=backend)
+    assert out.shape == (T, n, d)
+    out.sum().backward()
+    for t in ins:
+        assert t.grad.shape == t.shape
+
+
+def test_nan_propagates(backend, device):
+    zs, u, v, _ = _gated_inputs(3, 4, 2, 9, None, None, torch.float32, device)
+    u = u.clone()
+    u[1, 2, 0] = float("nan")
+    out = lopa.gated_lowrank_prompt(zs, u, v, backend=backend)
+    assert torch.isnan(out[1, 2]).all()
+    out[1, 2] = 0
+    assert torch.isfinite(out).all()
+    z = torch.randn(4, 2, device=device)
+    z[0, 1] = float("nan")
+    e = lopa.ulpt_prompt(z, torch.randn(2, 9, device=device), torch.ones(9, device=device),
+                         torch.zeros(9, device=device), backend=backend)
+    assert torch.isnan(e[0]).all() and torch.isfinite(e[1:]).all()
