@@ -30,7 +30,21 @@ def _reference_backend() -> Backend:
     return Backend("reference", reference.gated_prompt, reference.ulpt_prompt)
 
 
-@functools.lru_cache(maxsize=None)
+_LOADED: dict = {}
+
+
+def _cached(fn):
+    """Cache a loader's result in a plain dict (torch.compile traces dict reads cleanly)."""
+
+    def wrapper():
+        if fn.__name__ not in _LOADED:
+            _LOADED[fn.__name__] = fn()
+        return _LOADED[fn.__name__]
+
+    return wrapper
+
+
+@_cached
 def _load_cpp() -> tuple:
     """Import the compiled extension once; returns (backend or None, error message)."""
     try:
@@ -42,7 +56,7 @@ def _load_cpp() -> tuple:
     return Backend("cpp", _cpp_ops.gated_prompt, _cpp_ops.ulpt), ""
 
 
-@functools.lru_cache(maxsize=None)
+@_cached
 def _load_triton() -> tuple:
     try:
         import triton  # noqa: F401

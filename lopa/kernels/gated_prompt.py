@@ -1,28 +1,177 @@
 """LoPA gate ``out[b] = zs[t_b] * sigmoid(u[b] @ v[b])`` in Triton: kernels, host code, ops.
 
-PLACEHOLDER: the custom ops below currently compute with the reference math; the Triton
-kernels replace the bodies of ``_forward`` and ``_backward``.
+Forward: one program per (row, m-tile, d-tile) computes the rank-r logits in registers,
+applies the sigmoid and the task prompt and writes its output tile once.
+
+Backward: nothing of size (B, m, d) was saved; each program recomputes the gate for a
+*chunk* of rows that share a task (see :mod:`lopa.kernels._shared`).  Per row it writes
+the partial ``du`` of its d-tile and ``dv`` of its m-tile; over the chunk it sums
+``G * gate`` into one partial of ``dzs``.  Fixed-order sums of the partials finish the
+job: no atomics, bitwise reproducible.
 """
 from __future__ import annotations
 
 from typing import List, Optional
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
-from lopa import reference
 from lopa._autograd import register_gated_prompt
+from lopa._poison import new_output
+from lopa.kernels._shared import (
+    chunk_size_for,
+    contract_with_cols_t,
+    contract_with_rows_t,
+    low_rank_tile,
+    make_chunks,
+    segment_sum,
+    tiles_for,
+)
 
 
+@triton.jit
+def _gated_fwd_kernel(
+    zs_ptr, u_ptr, v_ptr, ids_ptr, out_ptr,
+    M, D, R,
+    s_zt, s_zm, s_zd, s_ub, s_um, s_ur, s_vb, s_vr, s_vd, s_ob, s_om, s_od,
+    HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    mask = mask_m[:, None] & mask_d[None, :]
+    if HAS_IDS:
+        t = tl.load(ids_ptr + b)
+    else:
+        t = 0
+    logits = low_rank_tile(u_ptr + b * s_ub, s_um, s_ur, v_ptr + b * s_vb, s_vr, s_vd,
+                           offs_m, offs_d, mask_m, mask_d, R, BLOCK_M, BLOCK_D, BLOCK_R, USE_DOT)
+    zs = tl.load(zs_ptr + t * s_zt + offs_m[:, None] * s_zm + offs_d[None, :] * s_zd,
+                 mask=mask, other=0.0).to(tl.float32)
+    out = zs * tl.sigmoid(logits)
+    tl.store(out_ptr + b * s_ob + offs_m[:, None] * s_om + offs_d[None, :] * s_od,
+             out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_bwd_kernel(
+    g_ptr, zs_ptr, u_ptr, v_ptr,
+    order_ptr, cstart_ptr, clen_ptr, ctask_ptr,
+    dzs_part_ptr, du_part_ptr, dv_part_ptr,
+    B, M, D, R, CHUNK,
+    s_gb, s_gm, s_gd, s_zt, s_zm, s_zd, s_ub, s_um, s_ur, s_vb, s_vr, s_vd,
+    HAS_IDS: tl.constexpr, NEED_ZS: tl.constexpr, NEED_U: tl.constexpr, NEED_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    j = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    n_dt = tl.num_programs(2)
+    n_mt = tl.num_programs(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    mask = mask_m[:, None] & mask_d[None, :]
+    if HAS_IDS:
+        start = tl.load(cstart_ptr + j)
+        rows = tl.load(clen_ptr + j)
+        t = tl.load(ctask_ptr + j)
+    else:
+        start = j * CHUNK
+        rows = tl.minimum(CHUNK, B - start)
+        t = 0
+    zs = tl.load(zs_ptr + t * s_zt + offs_m[:, None] * s_zm + offs_d[None, :] * s_zd,
+                 mask=mask, other=0.0).to(tl.float32)
+    dzs = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for i in range(0, rows):
+        if HAS_IDS:
+            b = tl.load(order_ptr + start + i)
+        else:
+            b = start + i
+        u_row = u_ptr + b * s_ub
+        v_row = v_ptr + b * s_vb
+        gate = tl.sigmoid(low_rank_tile(u_row, s_um, s_ur, v_row, s_vr, s_vd, offs_m, offs_d,
+                                        mask_m, mask_d, R, BLOCK_M, BLOCK_D, BLOCK_R, USE_DOT))
+        g = tl.load(g_ptr + b * s_gb + offs_m[:, None] * s_gm + offs_d[None, :] * s_gd,
+                    mask=mask, other=0.0).to(tl.float32)
+        if NEED_ZS:
+            dzs += g * gate
+        if NEED_U or NEED_V:
+            h = g * zs * gate * (1.0 - gate)
+            for k0 in range(0, R, BLOCK_R):
+                offs_r = k0 + tl.arange(0, BLOCK_R)
+                mask_r = offs_r < R
+                if NEED_U:
+                    v = tl.load(v_row + offs_r[:, None] * s_vr + offs_d[None, :] * s_vd,
+                                mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+                    du = contract_with_rows_t(h, v, USE_DOT)
+                    du_ptrs = du_part_ptr + ((pid_d * B + b) * M + offs_m[:, None]) * R + offs_r[None, :]
+                    tl.store(du_ptrs, du, mask=mask_m[:, None] & mask_r[None, :])
+                if NEED_V:
+                    u = tl.load(u_row + offs_m[:, None] * s_um + offs_r[None, :] * s_ur,
+                                mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+                    dv = contract_with_cols_t(u, h, USE_DOT)
+                    dv_ptrs = dv_part_ptr + ((pid_m * B + b) * R + offs_r[:, None]) * D + offs_d[None, :]
+                    tl.store(dv_ptrs, dv, mask=mask_r[:, None] & mask_d[None, :])
+    if NEED_ZS:
+        tl.store(dzs_part_ptr + (j * M + offs_m[:, None]) * D + offs_d[None, :], dzs, mask=mask)
+
+
+# ----------------------------------------------------------------------------- host code
 def _forward(zs: Tensor, u: Tensor, v: Tensor, task_ids: Optional[Tensor]) -> Tensor:
-    return reference.gated_prompt(zs, u, v, task_ids).contiguous()
+    T, M, D = zs.shape
+    B, _, R = u.shape
+    out = new_output((B, M, D), zs)
+    if out.numel() == 0:
+        return out
+    tiles = tiles_for(M, D, R)
+    grid = (B, triton.cdiv(M, tiles.m), triton.cdiv(D, tiles.d))
+    _gated_fwd_kernel[grid](
+        zs, u, v, task_ids if task_ids is not None else out, out,
+        M, D, R,
+        *zs.stride(), *u.stride(), *v.stride(), *out.stride(),
+        HAS_IDS=task_ids is not None, BLOCK_M=tiles.m, BLOCK_D=tiles.d, BLOCK_R=tiles.r,
+        USE_DOT=tiles.use_dot, num_warps=tiles.num_warps,
+    )
+    return out
 
 
 def _backward(grad_out, zs, u, v, task_ids, need_zs, need_u, need_v) -> List[Tensor]:
-    grads = reference.gated_prompt_backward(grad_out, zs, u, v, task_ids)
-    return [g.contiguous() if n else g.new_empty((0,)) for g, n in zip(grads, (need_zs, need_u, need_v))]
+    T, M, D = zs.shape
+    B, _, R = u.shape
+    tiles = tiles_for(M, D, R)
+    n_mt, n_dt = triton.cdiv(M, tiles.m), triton.cdiv(D, tiles.d)
+    chunks = make_chunks(task_ids, B, T, chunk_size_for(B, n_mt * n_dt), zs.device)
+    f32 = torch.float32
+    nothing = zs.new_empty((0,))
+    du_part = new_output((n_dt, B, M, R), u, f32) if need_u else nothing
+    dv_part = new_output((n_mt, B, R, D), v, f32) if need_v else nothing
+    dzs_part = new_output((chunks.count, M, D), zs, f32) if need_zs else nothing
+    if chunks.count and M and D:
+        meta = [chunks.order, chunks.start, chunks.length, chunks.task]
+        meta = [t if t is not None else nothing for t in meta]
+        _gated_bwd_kernel[(chunks.count, n_mt, n_dt)](
+            grad_out, zs, u, v, *meta, dzs_part, du_part, dv_part,
+            B, M, D, R, chunks.size,
+            *grad_out.stride(), *zs.stride(), *u.stride(), *v.stride(),
+            HAS_IDS=task_ids is not None, NEED_ZS=need_zs, NEED_U=need_u, NEED_V=need_v,
+            BLOCK_M=tiles.m, BLOCK_D=tiles.d, BLOCK_R=tiles.r, USE_DOT=tiles.use_dot,
+            num_warps=tiles.num_warps,
+        )
+    # Distinct empty tensors for the gradients not asked for: outputs may not alias.
+    grad_zs = segment_sum(dzs_part, chunks, T, (T, M, D), zs.dtype) if need_zs else zs.new_empty((0,))
+    grad_u = du_part.sum(0).to(u.dtype) if need_u else u.new_empty((0,))
+    grad_v = dv_part.sum(0).to(v.dtype) if need_v else v.new_empty((0,))
+    return [grad_zs, grad_u, grad_v]
 
 
+# ----------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("lopa_triton::gated_prompt_fwd", mutates_args=())
 def gated_prompt_fwd(zs: Tensor, u: Tensor, v: Tensor, task_ids: Optional[Tensor]) -> Tensor:
     return _forward(zs, u, v, task_ids)

@@ -1,0 +1,191 @@
+"""Pieces shared by the Triton ops: rank contractions, row chunking and segment sums.
+
+Deterministic reductions without atomics: rows that share a task are grouped into
+*chunks* of at most ``C`` rows (sorted by task, so a chunk never mixes tasks).  Each
+program sums its chunk into a private partial, and one final kernel adds the partials of
+each task in a fixed order.  The result is bitwise identical from run to run.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lopa._poison import new_output
+
+# Rank chunks at least this wide use tl.dot (its operands need >= 16 per dimension);
+# narrower ones use a broadcast-multiply-and-sum, which wastes nothing at r = 1..8.
+DOT_MIN_RANK = 16
+MAX_BLOCK_R = 32
+# Aim for this many programs per launch so every SM of a large GPU has work.
+TARGET_PROGRAMS = 1024
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else triton.next_power_of_2(x)
+
+
+def rank_block(r: int):
+    """(BLOCK_R, USE_DOT) for rank r."""
+    block = min(max(next_pow2(r), 1), MAX_BLOCK_R)
+    use_dot = block >= DOT_MIN_RANK
+    return block, use_dot
+
+
+def tile_block(size: int, cap: int, floor: int = 1) -> int:
+    return max(floor, min(next_pow2(size), cap))
+
+
+class Tiles(NamedTuple):
+    m: int
+    d: int
+    r: int
+    use_dot: bool
+    num_warps: int
+
+
+def tiles_for(M: int, D: int, R: int) -> Tiles:
+    """Tile sizes for an (M, D) output built from a rank-R product.
+
+    The broadcast contraction holds a BLOCK_M x BLOCK_R x BLOCK_D product in registers,
+    so its tile shrinks as the rank grows; the tl.dot path keeps 16-wide minimums.
+    """
+    block_r, use_dot = rank_block(R)
+    if use_dot:
+        block_m = tile_block(M, 32, 16)
+        block_d = tile_block(D, 128, 16)
+    else:
+        block_m = tile_block(M, 16)
+        block_d = tile_block(D, max(16, min(256, 8192 // (block_m * block_r))))
+    num_warps = 8 if block_m * block_d >= 4096 else 4
+    return Tiles(block_m, block_d, block_r, use_dot, num_warps)
+
+
+# ----------------------------------------------------------------------------- jit helpers
+@triton.jit
+def contract_rank(a, b, USE_DOT: tl.constexpr):
+    """(M, R) @ (R, D) -> (M, D) in float32."""
+    if USE_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+@triton.jit
+def contract_with_rows_t(h, b, USE_DOT: tl.constexpr):
+    """(M, D) @ (R, D)^T -> (M, R) in float32."""
+    if USE_DOT:
+        return tl.dot(h, tl.trans(b), input_precision="ieee")
+    else:
+        return tl.sum(h[:, None, :] * b[None, :, :], axis=2)
+
+
+@triton.jit
+def contract_with_cols_t(a, h, USE_DOT: tl.constexpr):
+    """(M, R)^T @ (M, D) -> (R, D) in float32."""
+    if USE_DOT:
+        return tl.dot(tl.trans(a), h, input_precision="ieee")
+    else:
+        return tl.sum(a[:, :, None] * h[:, None, :], axis=0)
+
+
+@triton.jit
+def low_rank_tile(
+    a_ptr, s_am, s_ar, b_ptr, s_br, s_bd, offs_m, offs_d, mask_m, mask_d, R,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_D) tile of A @ B for A (M, R), B (R, D) of any strides, in float32."""
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, R, BLOCK_R):
+        offs_r = k0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        a = tl.load(a_ptr + offs_m[:, None] * s_am + offs_r[None, :] * s_ar,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs_r[:, None] * s_br + offs_d[None, :] * s_bd,
+                    mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        acc += contract_rank(a, b, USE_DOT)
+    return acc
+
+
+@triton.jit
+def _segment_sum_kernel(
+    part_ptr, out_ptr, first_ptr, count_ptr, K,
+    BLOCK: tl.constexpr,
+):
+    """out[t, k] = sum_{j < count[t]} part[first[t] + j, k]; zeros where count[t] = 0."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < K
+    first = tl.load(first_ptr + t)
+    count = tl.load(count_ptr + t)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in range(0, count):
+        acc += tl.load(part_ptr + (first + j) * K + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + t * K + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- chunking
+class Chunks(NamedTuple):
+    """Rows grouped by task. ``count``: chunks in the launch grid (an upper bound)."""
+
+    size: int  # rows per chunk, at most
+    count: int
+    start: Optional[Tensor]  # (count,) first position in ``order`` (None: contiguous rows)
+    length: Optional[Tensor]  # (count,) rows in the chunk
+    task: Optional[Tensor]  # (count,) the chunk's task
+    order: Optional[Tensor]  # (B,) rows sorted by task (stable)
+    first: Tensor  # (T,) first chunk of each task
+    per_task: Tensor  # (T,) number of chunks of each task
+
+
+def chunk_size_for(rows: int, tiles: int) -> int:
+    """Rows per chunk: enough chunks for a full grid, but few partials to sum."""
+    wanted = max(1, TARGET_PROGRAMS // max(tiles, 1))
+    return max(1, min(32, triton.cdiv(rows, wanted)))
+
+
+def make_chunks(task_ids: Optional[Tensor], rows: int, num_tasks: int, size: int, device) -> Chunks:
+    """Group ``rows`` rows into chunks of one task each, on the device, without a sync.
+
+    Without ``task_ids`` every row is task 0 and chunk j is rows [j*size, (j+1)*size).
+    """
+    if task_ids is None:
+        count = triton.cdiv(rows, size) if rows else 0
+        first = torch.zeros(1, dtype=torch.int64, device=device)
+        per_task = torch.full((1,), count, dtype=torch.int64, device=device)
+        return Chunks(size, count, None, None, None, None, first, per_task)
+    ids = task_ids.long()
+    order = torch.argsort(ids, stable=True)
+    sorted_ids = ids[order]
+    rows_of = torch.bincount(ids, minlength=num_tasks)
+    first_row = torch.cumsum(rows_of, 0) - rows_of
+    per_task = (rows_of + size - 1) // size
+    first = torch.cumsum(per_task, 0) - per_task
+    position = torch.arange(rows, device=device)
+    rank_in_task = position - first_row[sorted_ids]
+    chunk_of_row = first[sorted_ids] + rank_in_task // size
+    count = min(rows, triton.cdiv(rows, size) + min(num_tasks, rows))
+    start = torch.full((count,), rows, dtype=torch.int64, device=device)
+    start.scatter_reduce_(0, chunk_of_row, position, reduce="amin")
+    used = start < rows
+    task = torch.where(used, sorted_ids[start.clamp(max=max(rows - 1, 0))], 0)
+    task_end = (first_row + rows_of)[task]
+    length = torch.where(used, torch.clamp(task_end - start, max=size), 0)
+    return Chunks(size, count, start, length, task, order, first, per_task)
+
+
+def segment_sum(partials: Tensor, chunks: Chunks, num_tasks: int, out_shape, out_dtype) -> Tensor:
+    """Sum the per-chunk ``partials`` (count, ...) of each task -> ``out_shape`` (T, ...)."""
+    out = new_output(out_shape, partials, dtype=out_dtype)
+    K = partials[0].numel() if partials.shape[0] else out[0].numel() if num_tasks else 0
+    if num_tasks == 0 or K == 0:
+        return out
+    if chunks.count == 0:
+        return out.zero_()
+    block = tile_block(K, 1024, 16)
+    grid = (num_tasks, triton.cdiv(K, block))
+    _segment_sum_kernel[grid](partials, out, chunks.first, chunks.per_task, K, BLOCK=block)
+    return out
