@@ -1,0 +1,268 @@
+"""Shared machinery for lopa's benchmarks: providers, inputs, timing, memory, roofline.
+
+Timing: on CUDA, ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs,
+median); on the CPU, the median of ``time.perf_counter`` over repeated calls after a
+warm-up.  Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the inputs; on
+the CPU the peak of live bytes seen by the PyTorch profiler (``profile_memory=True``)
+during one call.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import lopa
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class GatedShape:
+    B: int
+    m: int
+    r: int
+    d: int
+
+    op = "lopa_gate"
+
+    def label(self) -> str:
+        return f"B={self.B} m={self.m} r={self.r} d={self.d}"
+
+
+@dataclass(frozen=True)
+class UlptShape:
+    n: int
+    r: int
+    d: int
+    B: int = 0  # > 0: a bank of B tasks, one output row per task
+
+    op = "ulpt"
+
+    def label(self) -> str:
+        bank = f" tasks={self.B}" if self.B else ""
+        return f"n={self.n} r={self.r} d={self.d}{bank}"
+
+
+def bytes_and_flops(shape, mode: str, dtype: torch.dtype) -> Dict[str, float]:
+    """Fewest bytes the op must move (each input read once, each output written once)
+    and the floating-point operations it must do."""
+    size = torch.finfo(dtype).bits // 8
+    if isinstance(shape, GatedShape):
+        B, m, r, d = shape.B, shape.m, shape.r, shape.d
+        ins = m * d + B * m * r + B * r * d
+        fwd_bytes, fwd_flops = (ins + B * m * d) * size, 2 * B * m * r * d + 5 * B * m * d
+        bwd_bytes = (B * m * d + ins + ins) * size  # read G and the inputs, write 3 grads
+        bwd_flops = 6 * B * m * r * d + 10 * B * m * d
+    else:
+        T = max(shape.B, 1)
+        n, r, d = shape.n, shape.r, shape.d
+        ins = T * n * r + r * d + 2 * T * d
+        fwd_bytes, fwd_flops = (ins + T * n * d) * size, 2 * T * n * r * d + 2 * T * n * d
+        bwd_bytes = (T * n * d + ins + T * n * r + 2 * T * d) * size  # P frozen: no dP
+        bwd_flops = 4 * T * n * r * d + 4 * T * n * d
+    table = {
+        "fwd": (fwd_bytes, fwd_flops),
+        "bwd": (bwd_bytes, bwd_flops),
+        "fwd+bwd": (fwd_bytes + bwd_bytes, fwd_flops + bwd_flops),
+    }
+    b, f = table[mode]
+    return {"bytes": float(b), "flops": float(f)}
+
+
+# ----------------------------------------------------------------------------- providers
+def providers_for(device: torch.device) -> List[str]:
+    names = ["reference", "compile"]
+    backends = lopa.available_backends()
+    if device.type == "cpu" and "cpp" in backends:
+        names.append("cpp")
+    if device.type == "cuda" and "triton" in backends:
+        names.append("triton")
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(op: str):
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    fn = _reference_gated if op == "lopa_gate" else _reference_ulpt
+    return torch.compile(fn, dynamic=False)
+
+
+def _reference_gated(*inputs):
+    return lopa.gated_lowrank_prompt(*inputs, backend="reference")
+
+
+def _reference_ulpt(*inputs):
+    return lopa.ulpt_prompt(*inputs, backend="reference")
+
+
+def op_function(shape, provider: str) -> Callable:
+    """The callable for (op, provider) taking the tensors made by :func:`make_inputs`."""
+    if provider == "compile":
+        return _compiled(shape.op)
+    if shape.op == "lopa_gate":
+        return lambda *inputs: lopa.gated_lowrank_prompt(*inputs, backend=provider)
+    return lambda *inputs: lopa.ulpt_prompt(*inputs, backend=provider)
+
+
+def make_inputs(shape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Fresh random inputs (never zeros); trainable ones require grad, P does not."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*s, grad=True):
+        return torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
+
+    if isinstance(shape, GatedShape):
+        # v arrives as a (B, d, r) head output viewed as (B, r, d), as in a LoPA module
+        v = torch.randn(shape.B, shape.d, shape.r, generator=g).to(device=device, dtype=dtype)
+        return (rand(shape.m, shape.d), rand(shape.B, shape.m, shape.r),
+                v.transpose(1, 2).requires_grad_())
+    lead = (shape.B,) if shape.B else ()
+    proj = lopa.ulpt_projection(shape.r, shape.d, seed=seed, dtype=dtype, device=device)
+    return (rand(*lead, shape.n, shape.r), proj, rand(*lead, shape.d), rand(*lead, shape.d))
+
+
+def mode_callable(fn: Callable, inputs, mode: str) -> Callable:
+    """A no-argument callable that runs ``mode`` once.
+
+    ``bwd`` builds the forward graph once, outside the timed call, and replays the backward
+    on it (``retain_graph=True``), so only the backward is timed.
+    """
+    leaves = [t for t in inputs if t.requires_grad]
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(*inputs)
+        return run
+    if mode == "fwd+bwd":
+        def run():
+            out = fn(*inputs)
+            grads = torch.autograd.grad(out, leaves, grad_outputs=_ones_like_cached(out))
+            return grads
+        return run
+    out = fn(*inputs)
+    grad_out = _ones_like_cached(out)
+
+    def run():
+        return torch.autograd.grad(out, leaves, grad_outputs=grad_out, retain_graph=True)
+    return run
+
+
+def _ones_like_cached(out):
+    # A fixed random upstream gradient (not ones: structure can hide bugs and skew timings).
+    g = torch.Generator().manual_seed(123)
+    return torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+
+
+# ----------------------------------------------------------------------------- measuring
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(run: Callable, device: torch.device, min_time_s: float = 0.2, max_reps: int = 200) -> Dict[str, float]:
+    """Median and spread of ``run`` in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        run()
+        torch.cuda.synchronize()
+        median = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+        q20, q80 = triton.testing.do_bench(run, warmup=5, rep=50, quantiles=[0.2, 0.8])
+        return {"median_ms": median, "p20_ms": q20, "p80_ms": q80}
+    run()
+    run()
+    times: List[float] = []
+    deadline = time.perf_counter() + min_time_s
+    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < max_reps):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return {
+        "median_ms": statistics.median(times),
+        "p20_ms": times[int(0.2 * (len(times) - 1))],
+        "p80_ms": times[int(0.8 * (len(times) - 1))],
+    }
+
+
+def peak_bytes(run: Callable, device: torch.device) -> int:
+    """Peak memory allocated during one call, above what was live before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = run()
+        torch.cuda.synchronize()
+        del result
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = run()
+        del result
+    deltas = []
+    for event in prof.events():
+        delta = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        if delta:
+            deltas.append((event.time_range.start, delta))
+    deltas.sort()
+    live = peak = 0
+    for _, delta in deltas:
+        live += delta
+        peak = max(peak, live)
+    return int(peak)
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device (or RAM-to-RAM) copy bandwidth, counting bytes read plus written."""
+    if device.type == "cpu":
+        nbytes = min(nbytes, 256 << 20)
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t = time_ms(lambda: dst.copy_(src), device, min_time_s=0.5)["median_ms"]
+    return 2 * nbytes / (t * 1e-3) / 1e9
+
+
+def machine_info(device: torch.device) -> Dict[str, str]:
+    info = {
+        "machine": platform.node() or "unknown",
+        "cpu": _cpu_name(),
+        "cpu_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "lopa": lopa.__version__,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "absent"
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def default_device() -> torch.device:
+    forced = os.environ.get("LOPA_BENCH_DEVICE")
+    if forced:
+        return torch.device(forced)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

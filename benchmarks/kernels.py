@@ -1,0 +1,179 @@
+"""Kernel benchmark: every provider of both ops, per mode, dtype and shape, with a roofline.
+
+Writes ``kernels.csv`` (one row per op, provider, mode, dtype, shape and metric, with the
+machine, device and library versions), ``kernels.md`` (the README table) and PNG plots.
+
+    python benchmarks/kernels.py --out out/bench            # sweep on the default device
+    python benchmarks/kernels.py --quick --out out/bench    # the headline shapes only
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    DTYPE_NAMES,
+    MODES,
+    GatedShape,
+    UlptShape,
+    bytes_and_flops,
+    copy_bandwidth_gbs,
+    default_device,
+    machine_info,
+    make_inputs,
+    mode_callable,
+    op_function,
+    peak_bytes,
+    providers_for,
+    time_ms,
+)
+
+HEADLINE = [GatedShape(32, 32, 4, 2048), UlptShape(100, 2, 2048)]
+
+
+def sweep_shapes(device: torch.device, quick: bool) -> List:
+    if quick:
+        return list(HEADLINE)
+    shapes = [GatedShape(32, 32, 4, d) for d in (576, 2048, 4096)]
+    shapes += [GatedShape(32, 32, r, 2048) for r in (1, 16, 64)]
+    shapes += [UlptShape(100, r, d) for d in (576, 2048, 4096) for r in (2, 64)]
+    shapes += [UlptShape(100, r, 2048) for r in (16, 256)]
+    if device.type == "cuda":  # large enough to stream from HBM rather than launch-bound
+        shapes += [GatedShape(256, 64, 4, 4096), GatedShape(1024, 32, 8, 4096), UlptShape(100, 64, 4096, B=256)]
+    return shapes
+
+
+def measure(shape, provider: str, mode: str, dtype: torch.dtype, device: torch.device) -> Dict[str, float]:
+    inputs = make_inputs(shape, dtype, device)
+    run = mode_callable(op_function(shape, provider), inputs, mode)
+    timing = time_ms(run, device)
+    timing["peak_mem_bytes"] = peak_bytes(mode_callable(op_function(shape, provider), inputs, mode), device)
+    return timing
+
+
+def run_sweep(device: torch.device, dtypes: List[str], quick: bool, providers: List[str], log=print) -> List[Dict]:
+    info = machine_info(device)
+    copy_gbs = copy_bandwidth_gbs(device)
+    log(f"device {info['device']} ({info['cpu']}), copy bandwidth {copy_gbs:.1f} GB/s")
+    rows = []
+    for dtype_name in dtypes:
+        dtype = DTYPE_NAMES[dtype_name]
+        for shape in sweep_shapes(device, quick):
+            for mode in MODES:
+                model = bytes_and_flops(shape, mode, dtype)
+                for provider in providers:
+                    try:
+                        result = measure(shape, provider, mode, dtype, device)
+                    except Exception as exc:  # a provider that cannot run this case is reported, not fatal
+                        log(f"  {shape.op} {shape.label()} {mode} {provider}: FAILED {type(exc).__name__}: {exc}")
+                        continue
+                    gbs = model["bytes"] / (result["median_ms"] * 1e-3) / 1e9
+                    row = {
+                        "op": shape.op, "provider": provider, "mode": mode, "dtype": dtype_name,
+                        "shape": shape.label(), **result, **model,
+                        "achieved_GBps": gbs, "copy_GBps": copy_gbs, "pct_of_copy": 100 * gbs / copy_gbs,
+                        "GFLOPs": model["flops"] / (result["median_ms"] * 1e-3) / 1e9, **info,
+                    }
+                    rows.append(row)
+                    log(f"  {shape.op:9} {shape.label():28} {mode:8} {dtype_name:9} {provider:10} "
+                        f"{result['median_ms']:9.4f} ms  {gbs:8.1f} GB/s  peak {result['peak_mem_bytes'] / 2**20:8.2f} MiB")
+    return rows
+
+
+def write_csv(rows: List[Dict], path: str) -> None:
+    """Long format: one row per (op, provider, mode, dtype, shape, metric)."""
+    metrics = ["median_ms", "p20_ms", "p80_ms", "peak_mem_bytes", "bytes", "flops", "achieved_GBps",
+               "copy_GBps", "pct_of_copy", "GFLOPs"]
+    keys = ["op", "provider", "mode", "dtype", "shape"]
+    context = ["device", "machine", "cpu", "cpu_threads", "torch", "triton", "lopa"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(keys + ["metric", "value"] + context)
+        for row in rows:
+            for metric in metrics:
+                writer.writerow([row[k] for k in keys] + [metric, row[metric]] + [row[c] for c in context])
+
+
+def markdown_table(rows: List[Dict]) -> str:
+    """Median ms per provider, the fused kernel's speed-up over eager, memory and % of copy."""
+    fused = {"cpp", "triton"}
+    groups: Dict[tuple, Dict[str, Dict]] = {}
+    for row in rows:
+        groups.setdefault((row["op"], row["shape"], row["dtype"], row["mode"]), {})[row["provider"]] = row
+    providers = [p for p in ("reference", "compile", "cpp", "triton") if any(p in g for g in groups.values())]
+    head = ["op", "shape", "dtype", "mode"] + [f"{p} ms" for p in providers]
+    head += ["fused vs eager", "peak MiB eager → fused", "fused GB/s (% of copy)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (op, shape, dtype, mode), by in groups.items():
+        cells = [op, shape, dtype, mode] + [f"{by[p]['median_ms']:.4f}" if p in by else "—" for p in providers]
+        f = next((by[p] for p in ("triton", "cpp") if p in by and p in fused), None)
+        ref = by.get("reference")
+        if f and ref:
+            cells.append(f"{ref['median_ms'] / f['median_ms']:.2f}×")
+            cells.append(f"{ref['peak_mem_bytes'] / 2**20:.2f} → {f['peak_mem_bytes'] / 2**20:.2f}")
+            cells.append(f"{f['achieved_GBps']:.0f} ({f['pct_of_copy']:.0f} %)")
+        else:
+            cells += ["—", "—", "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: List[Dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, op in zip(axes, ("lopa_gate", "ulpt")):
+        sel = [r for r in rows if r["op"] == op and r["mode"] == "fwd+bwd" and r["dtype"] == rows[0]["dtype"]]
+        shapes = list(dict.fromkeys(r["shape"] for r in sel))
+        providers = list(dict.fromkeys(r["provider"] for r in sel))
+        width = 0.8 / max(len(providers), 1)
+        for i, p in enumerate(providers):
+            ys = [next((r["median_ms"] for r in sel if r["shape"] == s and r["provider"] == p), float("nan")) for s in shapes]
+            ax.bar([x + i * width for x in range(len(shapes))], ys, width, label=p)
+        ax.set_xticks([x + width * (len(providers) - 1) / 2 for x in range(len(shapes))])
+        ax.set_xticklabels(shapes, rotation=35, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("forward+backward, median ms (log)")
+        ax.set_title(f"{op} ({rows[0]['device']}, {rows[0]['dtype']})")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="out/bench", help="output folder (default out/bench)")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
+    parser.add_argument("--providers", default=None, help="comma-separated subset of providers")
+    parser.add_argument("--quick", action="store_true", help="only the headline shapes")
+    args = parser.parse_args(argv)
+    device = default_device()
+    providers = args.providers.split(",") if args.providers else providers_for(device)
+    os.makedirs(args.out, exist_ok=True)
+    rows = run_sweep(device, args.dtypes.split(","), args.quick, providers)
+    write_csv(rows, os.path.join(args.out, "kernels.csv"))
+    table = markdown_table(rows)
+    with open(os.path.join(args.out, "kernels.md"), "w") as f:
+        info = machine_info(device)
+        f.write(f"Device: {info['device']} — CPU: {info['cpu']} ({info['cpu_threads']} threads) — "
+                f"torch {info['torch']}, triton {info['triton']}; copy bandwidth {rows[0]['copy_GBps']:.0f} GB/s\n\n")
+        f.write(table + "\n")
+    plot(rows, os.path.join(args.out, "kernels.png"))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
