@@ -1,0 +1,658 @@
+"""``PromptTunedModel``: LoPA, ULPT or prompt tuning on any Hugging Face transformers model.
+
+Three lines::
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    pt = lopa.PromptTunedModel.for_method(model, "ulpt", num_tokens=10, rank=2)
+    loss = pt(input_ids=ids, attention_mask=mask, labels=ids).loss
+
+API (stable; the trainer and serving build on it):
+
+* ``PromptTunedModel(base_model, prompt, encoder=None, *, tokenizer=None, left_align=None,
+  assembly_backend="auto")`` -- ``prompt`` is a :class:`lopa.ULPTPrompt`,
+  :class:`lopa.LoPAPrompt` or :class:`lopa.PromptTuning`; ``encoder`` (LoPA only) an
+  :class:`lopa.InstanceEncoder`, a Hugging Face model (wrapped with CLS pooling for
+  encoders, last-token pooling for decoders) or ``None`` (the frozen base model itself,
+  last-token pooling: SPEC §1's choice for decoder LMs).  The base model is frozen.
+* ``PromptTunedModel.for_method(base_model, method="ulpt"|"lopa"|"pt", *, num_tokens=10,
+  rank=None, encoder=None, tokenizer=None, **prompt_kwargs)`` -- builds the prompt module
+  with the model's width (ULPT rank 2, LoPA rank 4 by default; ``prompt_kwargs`` go to the
+  module's constructor).
+* ``forward(input_ids, attention_mask=None, labels=None, *, inputs_embeds=None,
+  token_type_ids=None, pooled=None, encoder_input_ids=None, encoder_attention_mask=None,
+  example_ids=None, **model_kwargs)`` -- the base model's usual output (loss, logits...).
+  LoPA's instance vector is ``pooled`` if given, else the encoder run on
+  ``encoder_input_ids`` / ``encoder_attention_mask`` (the encoder's own tokenization) or,
+  when the encoder shares the base model's vocabulary, on ``input_ids``; ``example_ids``
+  key the encoder cache.
+* ``generate(input_ids, attention_mask=None, *, pooled=None, encoder_input_ids=None,
+  encoder_attention_mask=None, example_ids=None, **generate_kwargs)`` -- Hugging Face
+  generation (KV cache, greedy / sampling / beams) from the assembled ``inputs_embeds``;
+  returns the input ids followed by the new tokens (decoder-only) or the decoder tokens
+  (seq2seq): real tokens only.
+* ``build_inputs(...)`` -- the :class:`lopa.assemble.AssembledInputs` that ``forward`` feeds
+  the base model (for custom loops and serving).
+* ``save_pretrained(dir)`` / ``PromptTunedModel.from_pretrained(dir, base_model,
+  encoder=None, *, method=None, is_trainable=False)`` -- ``lopa_config.json`` +
+  ``lopa_model.safetensors``; bit-exact.  ULPT stores ``z``/``scale``/``shift`` and the seed
+  (P is regenerated), LoPA ``Z_S`` and the heads and the encoder's name.  As in PEFT,
+  ``is_trainable=False`` loads the prompt frozen, for inference.
+* ``export_peft(dir)`` (ULPT, PT) -- a PEFT ``PROMPT_TUNING`` checkpoint that
+  ``peft.PeftModel.from_pretrained(base_model, dir)`` loads.
+* ``print_trainable_parameters()``, ``get_nb_trainable_parameters()`` (PEFT's), and
+  attribute passthrough to the base model (``model.config``, ``model.device``...).
+
+Layout: the prompt goes immediately before each row's first real token (left padding
+works; PEFT puts it before the pads), the attention mask gets ones there, labels get
+-100, ``token_type_ids`` get 0, and ``position_ids`` are counted over real tokens (with
+RoBERTa's ``padding_idx + 1`` offset where the model has one), so a padded row gives the
+same logits as that row alone.  Token-level outputs (``logits``, ``hidden_states``; for
+seq2seq ``encoder_last_hidden_state`` / ``encoder_hidden_states``) come back with the
+virtual positions removed.  Decoder sequence classifiers (a ``score`` head reading the last
+position) get their rows left-aligned first, since Hugging Face cannot find the last real
+token from ``inputs_embeds``.  ``attentions`` are returned as the model computed them.
+
+Mixed precision: the prompt parameters stay float32 (also after ``model.to(bfloat16)``),
+the prompt is computed in float32 with autocast disabled and cast once into the base
+model's dtype when the inputs are assembled; gradients come back in float32.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import warnings
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from lopa.assemble import AssembledInputs, assemble_inputs, left_align
+from lopa.encoders import InstanceEncoder, model_position_offset
+from lopa.modules import LoPAPrompt, PromptModule, PromptTuning, ULPTPrompt, prompt_from_config
+
+__all__ = ["PromptTunedModel", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "detect_task"]
+
+CONFIG_NAME = "lopa_config.json"
+WEIGHTS_NAME = "lopa_model.safetensors"
+FORMAT = "lopa"
+FORMAT_VERSION = 1
+METHODS = ("ulpt", "lopa", "pt")
+PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq_lm": "SEQ_2_SEQ_LM",
+                   "token_cls": "TOKEN_CLS"}
+
+
+def detect_task(model: nn.Module) -> str:
+    """``"causal_lm"``, ``"seq_cls"``, ``"masked_lm"``, ``"seq2seq_lm"``, ``"token_cls"`` or ``"other"``."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq_lm"
+    name = type(model).__name__
+    try:
+        from transformers.models.auto import modeling_auto as auto
+    except ImportError:  # pragma: no cover
+        auto = None
+    if auto is not None:
+        for task, mapping in (
+            ("causal_lm", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+            ("seq_cls", auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+            ("masked_lm", auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
+            ("token_cls", auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
+        ):
+            names = set()
+            for value in mapping.values():
+                names.update(value if isinstance(value, (tuple, list)) else (value,))
+            if name in names:
+                return task
+    for suffix, task in (("ForCausalLM", "causal_lm"), ("LMHeadModel", "causal_lm"),
+                         ("ForSequenceClassification", "seq_cls"), ("ForMaskedLM", "masked_lm"),
+                         ("ForTokenClassification", "token_cls")):
+        if name.endswith(suffix):
+            return task
+    return "other"
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def _is_plain_embedding(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
+            and module.max_norm is None)
+
+
+def _hidden_size(config) -> Optional[int]:
+    for name in ("hidden_size", "d_model", "n_embd", "dim"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
+class PromptTunedModel(nn.Module):
+    """A frozen Hugging Face model with a trainable soft prompt; see the module docstring."""
+
+    def __init__(self, base_model: nn.Module, prompt: PromptModule, encoder=None, *, tokenizer=None,
+                 left_align: Optional[bool] = None, assembly_backend: str = "auto"):
+        super().__init__()
+        if not isinstance(base_model, nn.Module) or not hasattr(base_model, "get_input_embeddings"):
+            raise TypeError(
+                f"base_model must be a loaded Hugging Face transformers model, got {type(base_model).__name__}"
+            )
+        if not isinstance(prompt, PromptModule):
+            raise TypeError(
+                "prompt must be a lopa.ULPTPrompt, lopa.LoPAPrompt or lopa.PromptTuning, got "
+                f"{type(prompt).__name__}"
+            )
+        embedding = base_model.get_input_embeddings()
+        if embedding is None or not hasattr(embedding, "weight"):
+            raise TypeError(f"{type(base_model).__name__} has no input embedding table to prompt")
+        width = embedding.weight.shape[1]
+        if prompt.dim != width:
+            raise ValueError(
+                f"prompt has dim {prompt.dim} but {type(base_model).__name__}'s embeddings have width {width}"
+            )
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        if prompt.needs_embedding_init:
+            prompt.initialize_from_embeddings(embedding.weight)
+        prompt.to(embedding.weight.device)
+
+        self.encoder_is_base = False
+        if prompt.needs_encoder:
+            if encoder is None:
+                encoder = InstanceEncoder(base_model, pooling=_default_pooling(base_model))
+                self.encoder_is_base = True
+            elif not isinstance(encoder, InstanceEncoder):
+                if isinstance(encoder, nn.Module):
+                    encoder = InstanceEncoder(encoder, pooling=_default_pooling(encoder))
+                else:
+                    raise TypeError(
+                        "encoder must be a lopa.InstanceEncoder or a Hugging Face model, got "
+                        f"{type(encoder).__name__}"
+                    )
+            else:
+                self.encoder_is_base = encoder.model is base_model or encoder.backbone is getattr(base_model, "base_model", None)
+            if encoder.hidden_size != prompt.encoder_dim:
+                raise ValueError(
+                    f"the encoder's hidden size is {encoder.hidden_size} but the LoPA prompt was built with "
+                    f"encoder_dim={prompt.encoder_dim}"
+                )
+        elif encoder is not None:
+            raise ValueError(f"method {prompt.method!r} takes no instance encoder (only LoPA does)")
+
+        self.base_model = base_model
+        self.prompt = prompt
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.task = detect_task(base_model)
+        self.assembly_backend = assembly_backend
+        enc_dec = bool(getattr(base_model.config, "is_encoder_decoder", False))
+        self._pass_positions = _accepts(base_model, "position_ids") and not enc_dec
+        self._position = model_position_offset(base_model)
+        if left_align is None:
+            left_align = self.task == "seq_cls" and hasattr(base_model, "score") and not hasattr(base_model, "classifier")
+        self.left_align = bool(left_align)
+        self._warned_position_ids = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def for_method(cls, base_model: nn.Module, method: str = "ulpt", *, num_tokens: int = 10,
+                   rank: Optional[int] = None, encoder=None, tokenizer=None, pooling: Optional[str] = None,
+                   encoder_cache: bool = False, **prompt_kwargs) -> "PromptTunedModel":
+        """Build the prompt for ``method`` at the model's width and wrap the model.
+
+        ULPT: ``rank`` (default 2), ``seed``, ``init``, ``learn_scale``, ``learn_shift``.
+        LoPA: ``rank`` (default 4), ``hidden`` (256), ``dropout`` (default: the encoder's
+        hidden dropout, else 0.1), ``combine``, ``zs_init``; ``encoder`` as in the
+        constructor or a local path loaded with :meth:`InstanceEncoder.from_pretrained`;
+        ``pooling`` and ``encoder_cache`` configure the encoder.
+        PT: ``init`` (``"random"``, ``"vocab"``, ``"text"`` with ``init_text`` and ``tokenizer``).
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+        dim = base_model.get_input_embeddings().weight.shape[1]
+        if method == "ulpt":
+            prompt = ULPTPrompt(num_tokens, dim, 2 if rank is None else rank, **prompt_kwargs)
+            return cls(base_model, prompt, tokenizer=tokenizer)
+        if method == "pt":
+            if rank is not None:
+                raise ValueError("method 'pt' has no rank")
+            if prompt_kwargs.get("init") == "text" and "tokenizer" not in prompt_kwargs:
+                prompt_kwargs["tokenizer"] = tokenizer
+            prompt = PromptTuning(num_tokens, dim, **prompt_kwargs)
+            return cls(base_model, prompt, tokenizer=tokenizer)
+        # LoPA
+        if encoder is None:
+            encoder = InstanceEncoder(base_model, pooling=pooling or _default_pooling(base_model), cache=encoder_cache)
+        elif isinstance(encoder, (str, os.PathLike)):
+            encoder = InstanceEncoder.from_pretrained(str(encoder), pooling=pooling or "cls", cache=encoder_cache)
+        elif not isinstance(encoder, InstanceEncoder):
+            encoder = InstanceEncoder(encoder, pooling=pooling or _default_pooling(encoder), cache=encoder_cache)
+        if "dropout" not in prompt_kwargs:
+            prompt_kwargs["dropout"] = _encoder_dropout(encoder.model)
+        prompt = LoPAPrompt(num_tokens, dim, 4 if rank is None else rank, encoder.hidden_size, **prompt_kwargs)
+        return cls(base_model, prompt, encoder, tokenizer=tokenizer)
+
+    # ------------------------------------------------------------------ passthrough
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "prompt", "encoder", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def method(self) -> str:
+        return self.prompt.method
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.prompt.num_virtual_tokens
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def get_nb_trainable_parameters(self):
+        """``(trainable, all)`` parameter counts, as in PEFT (shared parameters counted once)."""
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel()
+            total += n
+            if p.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    # ------------------------------------------------------------------ inputs
+    def instance_vectors(self, input_ids=None, attention_mask=None, *, pooled=None, encoder_input_ids=None,
+                         encoder_attention_mask=None, example_ids=None) -> Optional[Tensor]:
+        """LoPA's pooled encoder vectors ``(B, h)`` (``None`` for ULPT / PT)."""
+        if not self.prompt.needs_encoder:
+            return None
+        if pooled is not None:
+            return pooled
+        if encoder_input_ids is None:
+            if input_ids is None:
+                raise ValueError("LoPA needs the encoder's input: pass encoder_input_ids (or input_ids) or pooled=")
+            if not self.encoder_is_base and self.encoder.vocab_size != getattr(self.base_model.config, "vocab_size", None):
+                raise ValueError(
+                    "the LoPA encoder has its own vocabulary: pass encoder_input_ids / encoder_attention_mask "
+                    "tokenized with the encoder's tokenizer, or precomputed pooled= vectors"
+                )
+            encoder_input_ids, encoder_attention_mask = input_ids, attention_mask
+        return self.encoder(encoder_input_ids, encoder_attention_mask, keys=example_ids)
+
+    def get_prompt(self, pooled: Optional[Tensor] = None) -> Tensor:
+        """The materialised prompt: ``(m, d)`` (ULPT, PT) or ``(B, m, d)`` (LoPA, from ``pooled``)."""
+        return self.prompt(pooled)
+
+    def build_inputs(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, pooled=None,
+                     encoder_input_ids=None, encoder_attention_mask=None, example_ids=None) -> AssembledInputs:
+        """Assemble ``inputs_embeds`` / ``attention_mask`` / ``position_ids`` with the prompt in place."""
+        pooled = self.instance_vectors(input_ids, attention_mask, pooled=pooled, encoder_input_ids=encoder_input_ids,
+                                       encoder_attention_mask=encoder_attention_mask, example_ids=example_ids)
+        source = self.prompt.prompt_source(pooled)
+        embedding = self.base_model.get_input_embeddings()
+        weight = embedding.weight
+        if inputs_embeds is None and input_ids is not None and not _is_plain_embedding(embedding):
+            inputs_embeds, input_ids = embedding(input_ids), None  # scaled / custom embeddings
+        offset, pad = self._position
+        return assemble_inputs(weight if inputs_embeds is None else None, input_ids, attention_mask, source,
+                               inputs_embeds=inputs_embeds, position_offset=offset, pad_position=pad,
+                               backend=self.assembly_backend)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None, *, inputs_embeds: Optional[Tensor] = None,
+                token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                pooled: Optional[Tensor] = None, encoder_input_ids: Optional[Tensor] = None,
+                encoder_attention_mask: Optional[Tensor] = None, example_ids=None, **kwargs):
+        if position_ids is not None and not self._warned_position_ids:
+            warnings.warn("PromptTunedModel computes position_ids itself (over real tokens); the ones passed are ignored",
+                          stacklevel=2)
+            self._warned_position_ids = True
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("forward() needs input_ids (B, L) or inputs_embeds (B, L, d)")
+        pooled = self.instance_vectors(input_ids, attention_mask, pooled=pooled, encoder_input_ids=encoder_input_ids,
+                                       encoder_attention_mask=encoder_attention_mask, example_ids=example_ids)
+        seq2seq = self.task == "seq2seq_lm"
+        per_token_labels = (labels is not None and not seq2seq and labels.dim() == 2
+                            and tuple(labels.shape) == tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2]))
+        if self.left_align and attention_mask is not None:
+            attention_mask, input_ids, inputs_embeds, token_type_ids, moved_labels = left_align(
+                attention_mask, input_ids, inputs_embeds, token_type_ids, labels if per_token_labels else None)
+            labels = moved_labels if per_token_labels else labels
+        asm = self.build_inputs(input_ids, attention_mask, inputs_embeds=inputs_embeds, pooled=pooled)
+        model_kwargs = dict(kwargs)
+        model_kwargs["inputs_embeds"] = asm.inputs_embeds
+        model_kwargs["attention_mask"] = asm.attention_mask
+        if self._pass_positions:
+            model_kwargs["position_ids"] = asm.position_ids
+        if token_type_ids is not None:
+            model_kwargs["token_type_ids"] = asm.insert(token_type_ids, 0)
+        if labels is not None:
+            model_kwargs["labels"] = asm.insert(labels, -100) if per_token_labels else labels
+        output = self.base_model(**model_kwargs)
+        return self._strip_virtual(output, asm, seq2seq)
+
+    @staticmethod
+    def _strip_virtual(output, asm: AssembledInputs, seq2seq: bool):
+        batch, total = asm.attention_mask.shape
+
+        def strip(t):
+            if isinstance(t, Tensor) and t.dim() >= 2 and t.shape[0] == batch and t.shape[1] == total:
+                return asm.real_tokens(t)
+            return t
+
+        keys = ("encoder_last_hidden_state", "encoder_hidden_states") if seq2seq else ("logits", "hidden_states")
+        for key in keys:
+            value = output.get(key) if hasattr(output, "get") else getattr(output, key, None)
+            if value is None:
+                continue
+            output[key] = tuple(strip(t) for t in value) if isinstance(value, tuple) else strip(value)
+        return output
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, *,
+                 pooled: Optional[Tensor] = None, encoder_input_ids: Optional[Tensor] = None,
+                 encoder_attention_mask: Optional[Tensor] = None, example_ids=None, **kwargs):
+        """Generate with the prompt in place; returns real tokens only (see the module docstring).
+
+        Decoder-only models need left padding; right-padded rows are left-aligned first
+        (with a warning), and the returned prefix is the left-aligned input.
+        """
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids (B, L)")
+        pooled = self.instance_vectors(input_ids, attention_mask, pooled=pooled, encoder_input_ids=encoder_input_ids,
+                                       encoder_attention_mask=encoder_attention_mask, example_ids=example_ids)
+        seq2seq = self.task == "seq2seq_lm"
+        if not seq2seq and attention_mask is not None:
+            aligned = left_align(attention_mask, input_ids)
+            if aligned[0] is not attention_mask:
+                warnings.warn("generate() needs left padding: right-padded rows were left-aligned "
+                              "(set tokenizer.padding_side = 'left')", stacklevel=2)
+                attention_mask, input_ids = aligned
+        asm = self.build_inputs(input_ids, attention_mask, pooled=pooled)
+        out = self.base_model.generate(inputs_embeds=asm.inputs_embeds, attention_mask=asm.attention_mask, **kwargs)
+        if seq2seq:
+            return out
+        sequences = out if isinstance(out, Tensor) else out.sequences
+        prefix = input_ids
+        if sequences.shape[0] != prefix.shape[0]:
+            prefix = prefix.repeat_interleave(sequences.shape[0] // prefix.shape[0], dim=0)
+        full = torch.cat([prefix.to(sequences.dtype), sequences], dim=1)
+        if isinstance(out, Tensor):
+            return full
+        out.sequences = full
+        return out
+
+    # ------------------------------------------------------------------ save / load
+    def _base_info(self) -> dict:
+        config = self.base_model.config
+        weight = self.base_model.get_input_embeddings().weight
+        return dict(name_or_path=getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None),
+                    model_class=type(self.base_model).__name__, model_type=getattr(config, "model_type", None),
+                    embedding_dim=int(weight.shape[1]), vocab_size=int(weight.shape[0]))
+
+    def lopa_config(self) -> dict:
+        """The JSON saved next to the weights."""
+        from lopa import __version__
+
+        state = self._prompt_state()
+        encoder = None
+        if self.encoder is not None:
+            encoder = dict(self.encoder.config(), shared_with_base=self.encoder_is_base)
+            if self.encoder_is_base:
+                encoder["name_or_path"] = "base"
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "lopa_version": __version__,
+            "method": self.method,
+            "prompt": self.prompt.config(),
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "task": self.task,
+            "base_model": self._base_info(),
+            "encoder": encoder,
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in state.items()},
+        }
+
+    def _prompt_state(self) -> dict:
+        return {k: v.detach() for k, v in self.prompt.state_dict().items()}
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
+        """Write ``lopa_config.json`` and ``lopa_model.safetensors`` (the prompt only)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(save_directory, exist_ok=True)
+        state = {k: v.contiguous().cpu() for k, v in self._prompt_state().items()}
+        config = self.lopa_config()
+        meta = {"format": "pt", "lopa_format": FORMAT, "lopa_method": self.method,
+                "lopa_format_version": str(FORMAT_VERSION)}
+        weights_path = os.path.join(save_directory, WEIGHTS_NAME)
+        save_file(state, weights_path + ".tmp", metadata=meta)
+        os.replace(weights_path + ".tmp", weights_path)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], base_model: nn.Module, encoder=None, *,
+                        method: Optional[str] = None, is_trainable: bool = False, tokenizer=None,
+                        **kwargs) -> "PromptTunedModel":
+        """Load a prompt saved by :meth:`save_pretrained` onto ``base_model``.
+
+        Everything is checked before the model is built (a bad file never gives a
+        half-loaded model): the config's format and ``method`` (against ``method=`` when
+        given), the weights file's integrity and method, the tensor names and shapes, and
+        the dimensions against ``base_model`` and the encoder.  LoPA needs its encoder:
+        ``encoder=`` (an :class:`InstanceEncoder` or model), else the saved name is loaded
+        when it is ``"base"`` or a local folder.
+        """
+        config = read_config(directory)
+        if method is not None and method != config["method"]:
+            raise ValueError(f"{directory} holds a {config['method']!r} prompt but method={method!r} was requested")
+        state = read_weights(directory, config)
+        if not hasattr(base_model, "get_input_embeddings"):
+            raise TypeError(f"base_model must be a loaded Hugging Face model, got {type(base_model).__name__}")
+        width = base_model.get_input_embeddings().weight.shape[1]
+        prompt_config = config["prompt"]
+        if prompt_config.get("dim") != width:
+            raise ValueError(
+                f"{directory} holds a prompt of dim {prompt_config.get('dim')} (base model "
+                f"{config['base_model'].get('name_or_path')!r}) but {type(base_model).__name__}'s embeddings have width {width}"
+            )
+        try:
+            prompt = prompt_from_config(config["method"], prompt_config)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{directory}: invalid prompt config {prompt_config}: {exc}") from exc
+        expected = prompt.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{directory}/{WEIGHTS_NAME} does not match a {config['method']!r} prompt: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise ValueError(
+                    f"{directory}/{WEIGHTS_NAME}: tensor {key!r} has shape {tuple(tensor.shape)} but the config "
+                    f"{prompt_config} needs {tuple(expected[key].shape)}"
+                )
+            if tensor.dtype != expected[key].dtype:
+                raise ValueError(f"{directory}/{WEIGHTS_NAME}: tensor {key!r} has dtype {tensor.dtype}, expected {expected[key].dtype}")
+        if config["method"] == "lopa":
+            encoder = _resolve_saved_encoder(config.get("encoder"), encoder, base_model, directory)
+        elif encoder is not None:
+            raise ValueError(f"{directory} holds a {config['method']!r} prompt, which takes no encoder")
+        prompt.load_state_dict(state, strict=True)
+        model = cls(base_model, prompt, encoder, tokenizer=tokenizer, **kwargs)
+        if not is_trainable:
+            model.prompt.requires_grad_(False)
+            model.eval()
+        return model
+
+    # ------------------------------------------------------------------ PEFT export
+    def export_peft(self, save_directory: Union[str, os.PathLike]) -> None:
+        """Write a PEFT ``PROMPT_TUNING`` adapter (ULPT and PT: one fixed ``(m, d)`` prompt).
+
+        ``adapter_config.json`` + ``adapter_model.safetensors`` with ``prompt_embeddings``
+        ``(m, d)`` float32.  PEFT places the prompt before the pads, so its outputs equal
+        ours for unpadded or right-padded batches.
+        """
+        from safetensors.torch import save_file
+
+        if self.method == "lopa":
+            raise ValueError(
+                "export_peft: LoPA's prompt depends on each input (Z_S ⊙ σ(u(x)v(x))); PEFT's PROMPT_TUNING holds "
+                "one fixed prompt. Export is available for 'ulpt' and 'pt'"
+            )
+        task_type = PEFT_TASK_TYPES.get(self.task)
+        if task_type is None:
+            raise ValueError(
+                f"export_peft: PEFT has no prompt-tuning model for a {type(self.base_model).__name__} ({self.task}); "
+                f"supported: {', '.join(PEFT_TASK_TYPES)}"
+            )
+        with torch.no_grad():
+            embeddings = self.prompt().detach().to(device="cpu", dtype=torch.float32).contiguous()
+        config = self.base_model.config
+        adapter_config = {
+            "peft_type": "PROMPT_TUNING",
+            "task_type": task_type,
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "token_dim": int(embeddings.shape[1]),
+            "num_transformer_submodules": 1,
+            "num_attention_heads": getattr(config, "num_attention_heads", None),
+            "num_layers": getattr(config, "num_hidden_layers", None),
+            "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None,
+            "tokenizer_name_or_path": None,
+            "tokenizer_kwargs": None,
+            "base_model_name_or_path": self._base_info()["name_or_path"],
+            "inference_mode": True,
+            "revision": None,
+            "modules_to_save": None,
+        }
+        os.makedirs(save_directory, exist_ok=True)
+        save_file({"prompt_embeddings": embeddings}, os.path.join(save_directory, "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        with open(os.path.join(save_directory, "adapter_config.json"), "w") as f:
+            json.dump(adapter_config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+# ---------------------------------------------------------------------- helpers
+def _default_pooling(model: nn.Module) -> str:
+    task = detect_task(model)
+    if task in ("causal_lm",):
+        return "last"
+    config = getattr(model, "config", None)
+    if task == "seq_cls" and hasattr(model, "score") and not hasattr(model, "classifier"):
+        return "last"
+    # Encoders (BERT, RoBERTa, MiniLM) and encoder-decoders: the first token.
+    name = type(model).__name__
+    if any(k in name for k in ("GPT", "Llama", "Mistral", "Qwen", "Gemma", "Phi", "OPT", "Bloom", "Falcon")):
+        return "last"
+    if config is not None and getattr(config, "is_decoder", False):
+        return "last"
+    return "cls"
+
+
+def _encoder_dropout(model: nn.Module) -> float:
+    config = getattr(model, "config", None)
+    for name in ("hidden_dropout_prob", "hidden_dropout", "resid_pdrop", "dropout", "dropout_rate"):
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0:
+            return float(value)
+    return 0.1
+
+
+def read_config(directory) -> dict:
+    """Read and validate ``lopa_config.json``; clear errors for anything else."""
+    directory = os.fspath(directory)
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} is not a directory with a saved lopa prompt")
+    if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(directory, "adapter_config.json")):
+            raise ValueError(f"{directory} holds a PEFT adapter (adapter_config.json), not a lopa prompt; "
+                             "load it with peft.PeftModel.from_pretrained")
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a lopa prompt checkpoint")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a lopa prompt config (format {config.get('format') if isinstance(config, dict) else None!r})")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise ValueError(f"{path} has format_version {version!r}; this lopa reads versions 1..{FORMAT_VERSION}")
+    if config.get("method") not in METHODS:
+        raise ValueError(f"{path}: method must be one of {', '.join(map(repr, METHODS))}, got {config.get('method')!r}")
+    if not isinstance(config.get("prompt"), dict):
+        raise ValueError(f"{path}: missing the 'prompt' section")
+    return config
+
+
+def read_weights(directory, config: dict) -> dict:
+    """Load ``lopa_model.safetensors`` fully into memory, checking integrity and method."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"{path} is truncated or corrupt and cannot be read ({exc})") from exc
+    file_method = meta.get("lopa_method")
+    if meta.get("lopa_format") != FORMAT or file_method is None:
+        raise ValueError(f"{path} is not a lopa prompt file (no lopa metadata)")
+    if file_method != config["method"]:
+        raise ValueError(
+            f"{path} holds a {file_method!r} prompt but {CONFIG_NAME} says {config['method']!r}: "
+            "the files come from different checkpoints"
+        )
+    declared = config.get("tensors")
+    if isinstance(declared, dict):
+        for key, spec in declared.items():
+            if key not in state:
+                raise ValueError(f"{path} lacks tensor {key!r} listed in {CONFIG_NAME}")
+            if list(state[key].shape) != list(spec.get("shape", [])):
+                raise ValueError(f"{path}: tensor {key!r} has shape {list(state[key].shape)}, "
+                                 f"{CONFIG_NAME} says {spec.get('shape')}")
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: tensor {key!r} has non-finite values")
+    return state
+
+
+def _resolve_saved_encoder(saved: Optional[dict], encoder, base_model, directory):
+    if encoder is not None:
+        return encoder
+    if not saved:
+        raise ValueError(f"{directory}: a LoPA checkpoint must name its encoder; pass encoder=")
+    name = saved.get("name_or_path")
+    pooling = saved.get("pooling", "cls")
+    if name == "base" or saved.get("shared_with_base"):
+        return InstanceEncoder(base_model, pooling=pooling)
+    if name and os.path.isdir(str(name)):
+        return InstanceEncoder.from_pretrained(str(name), pooling=pooling)
+    raise ValueError(
+        f"{directory} was trained with the encoder {name!r} ({saved.get('model_class')}, pooling {pooling!r}), "
+        "which is not a local folder: load it and pass encoder=lopa.InstanceEncoder(model, pooling=...)"
+    )
