@@ -88,7 +88,7 @@ def run_sweep(device: torch.device, dtypes: List[str], quick: bool, providers: L
 
 def write_csv(rows: List[Dict], path: str) -> None:
     """Long format: one row per (op, provider, mode, dtype, shape, metric)."""
-    metrics = ["median_ms", "p20_ms", "p80_ms", "peak_mem_bytes", "bytes", "flops", "achieved_GBps",
+    metrics = ["median_ms", "p20_ms", "p80_ms", "call_ms", "peak_mem_bytes", "bytes", "flops", "achieved_GBps",
                "copy_GBps", "pct_of_copy", "GFLOPs"]
     keys = ["op", "provider", "mode", "dtype", "shape"]
     context = ["device", "machine", "cpu", "cpu_threads", "torch", "triton", "lopa"]
@@ -108,12 +108,17 @@ def markdown_table(rows: List[Dict]) -> str:
         groups.setdefault((row["op"], row["shape"], row["dtype"], row["mode"]), {})[row["provider"]] = row
     providers = [p for p in ("reference", "compile", "cpp", "triton") if any(p in g for g in groups.values())]
     head = ["op", "shape", "dtype", "mode"] + [f"{p} ms" for p in providers]
+    gpu = any(g[p]["device"] != "cpu" for g in groups.values() for p in g)
+    if gpu:
+        head.append("fused eager-call ms")
     head += ["fused vs eager", "peak MiB eager → fused", "fused GB/s (% of copy)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (op, shape, dtype, mode), by in groups.items():
         cells = [op, shape, dtype, mode] + [f"{by[p]['median_ms']:.4f}" if p in by else "—" for p in providers]
         f = next((by[p] for p in ("triton", "cpp") if p in by and p in fused), None)
         ref = by.get("reference")
+        if gpu:
+            cells.append(f"{f['call_ms']:.4f}" if f else "—")
         if f and ref:
             cells.append(f"{ref['median_ms'] / f['median_ms']:.2f}×")
             cells.append(f"{ref['peak_mem_bytes'] / 2**20:.2f} → {f['peak_mem_bytes'] / 2**20:.2f}")

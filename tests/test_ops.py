@@ -183,3 +183,33 @@ def test_nan_propagates(backend, device):
     e = lopa.ulpt_prompt(z, torch.randn(2, 9, device=device), torch.ones(9, device=device),
                          torch.zeros(9, device=device), backend=backend)
     assert torch.isnan(e[0]).all() and torch.isfinite(e[1:]).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="large shapes are for the GPU run")
+@pytest.mark.parametrize("r", [1, 4, 8, 24, 64])
+def test_large_banks_on_gpu(r):
+    """Many programs, many chunks per task and multi-tile m: the paths small shapes miss."""
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(r)
+    T, B, m, d = 37, 300, 40, 1000
+    ids = torch.randint(0, T, (B,), generator=g).to(device)
+    zs, u, v = (randn(s, torch.float32, device, g).requires_grad_() for s in ((T, m, d), (B, m, r), (B, r, d)))
+    out = lopa.gated_lowrank_prompt(zs, u, v, ids, backend="triton")
+    grad = randn(out.shape, torch.float32, device, g)
+    out.backward(grad)
+    refs = [t.detach().double().requires_grad_() for t in (zs, u, v)]
+    want = reference.gated_prompt(*refs, ids)
+    want.backward(grad.double())
+    assert_matches_reference(out, want, torch.float32, "out")
+    for name, a, b in zip(("zs", "u", "v"), (zs, u, v), refs):
+        assert_matches_reference(a.grad, b.grad, torch.float32, f"grad {name}", tolerance=1e-5)
+    z, scale, shift = (randn(s, torch.float32, device, g).requires_grad_() for s in ((T, 100, r), (T, d), (T, d)))
+    proj = randn((r, d), torch.float32, device, g).requires_grad_()
+    e = lopa.ulpt_prompt(z, proj, scale, shift, ids, backend="triton")
+    e.backward(grad[:, :1].expand(B, 100, d).contiguous())
+    refs = [t.detach().double().requires_grad_() for t in (z, proj, scale, shift)]
+    want = reference.ulpt_prompt(*refs, ids)
+    want.backward(grad[:, :1].expand(B, 100, d).double())
+    assert_matches_reference(e, want, torch.float32, "ulpt out")
+    for name, a, b in zip(("z", "proj", "scale", "shift"), (z, proj, scale, shift), refs):
+        assert_matches_reference(a.grad, b.grad, torch.float32, f"ulpt grad {name}", tolerance=1e-5)

@@ -30,7 +30,9 @@ def next_pow2(x: int) -> int:
 
 def rank_block(r: int):
     """(BLOCK_R, USE_DOT) for rank r."""
-    block = min(max(next_pow2(r), 1), MAX_BLOCK_R)
+    # At least 2: a size-1 rank axis miscompiled on an H100 (Triton 3.6) while the
+    # interpreter got it right; the mask makes the padding free.
+    block = min(max(next_pow2(r), 2), MAX_BLOCK_R)
     use_dot = block >= DOT_MIN_RANK
     return block, use_dot
 
