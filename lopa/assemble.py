@@ -313,15 +313,17 @@ class _AssembleEmbeds(torch.autograd.Function):
         grad_table = grad_prompt = None
         if ctx.needs_input_grad[1]:
             slots = starts[:, None] + torch.arange(m, device=grad.device)[None, :]
-            rows = take_positions(grad, slots).to(prompt_dtype)  # (B, m, d)
+            # Sums over rows run in float32 at least (a half prompt gets one rounding).
+            acc = torch.promote_types(prompt_dtype, torch.float32)
+            rows = take_positions(grad, slots)  # (B, m, d)
             if ctx.per_row:
-                grad_prompt = rows
+                grad_prompt = rows.to(prompt_dtype)
             elif num_prompts == 1:
-                grad_prompt = rows.sum(0, keepdim=True)
+                grad_prompt = rows.to(acc).sum(0, keepdim=True).to(prompt_dtype)
             else:
                 from lopa.reference import rows_per_task
 
-                grad_prompt = rows_per_task(rows, prompt_index, num_prompts)
+                grad_prompt = rows_per_task(rows.to(acc), prompt_index, num_prompts).to(prompt_dtype)
         if ctx.needs_input_grad[0]:
             positions = token_positions_for(starts, length, m)
             tokens = take_positions(grad, positions).reshape(batch * length, dim)

@@ -1,0 +1,218 @@
+"""Input assembly: every kernel against a per-row torch.cat reference, forward and backward."""
+import pytest
+import torch
+
+import lopa
+from lopa import assemble as A
+from lopa import _backends
+from lopa.testing import poisoned_outputs
+
+ASSEMBLY_BACKENDS = ("reference", "cpp", "triton")
+
+
+def _device(backend):
+    return torch.device("cuda") if backend == "triton" and torch.cuda.is_available() else torch.device("cpu")
+
+
+@pytest.fixture(params=ASSEMBLY_BACKENDS)
+def asm_backend(request):
+    name = request.param
+    if name == "cpp" and A._cpp_op() is None:
+        pytest.skip("C++ assembly op not built")
+    if name == "triton" and not (A._triton_fn() is not None and _backends.triton_available(_device(name))):
+        pytest.skip("Triton cannot run here")
+    return name
+
+
+def _manual(table, ids, mask, prompt_rows):
+    """Per-row reference: [left pads | prompt | rest] via torch.cat, and the extended mask."""
+    rows, masks = [], []
+    for b in range(ids.shape[0]):
+        real = (mask[b] != 0).nonzero()
+        s = int(real[0]) if real.numel() else 0
+        emb = table[ids[b]]
+        p = prompt_rows[b].to(table.dtype)
+        rows.append(torch.cat([emb[:s], p, emb[s:]]))
+        masks.append(torch.cat([mask[b, :s], torch.ones(p.shape[0], dtype=mask.dtype), mask[b, s:]]))
+    return torch.stack(rows), torch.stack(masks)
+
+
+def _mask(kind, batch, length, g):
+    mask = torch.ones(batch, length, dtype=torch.int64)
+    for b in range(batch):
+        n = int(torch.randint(0, length, (1,), generator=g))  # pads in this row
+        if kind == "left" and b % 3 != 1:
+            mask[b, :n] = 0
+        elif kind == "right" and b % 3 != 1:
+            mask[b, length - n:] = 0
+    if kind == "left" and batch > 2:
+        mask[2] = 0  # a row with no real token at all
+    return mask
+
+
+CASES = [
+    # batch, L, m, d, pad kind, prompt kind
+    (4, 9, 3, 17, "left", "shared"),
+    (5, 6, 4, 33, "right", "per_row"),
+    (3, 1, 2, 8, "none", "shared"),
+    (6, 7, 5, 130, "left", "bank"),
+    (2, 11, 1, 1, "left", "per_row"),
+]
+
+
+@pytest.mark.parametrize("batch,length,m,d,pad,kind", CASES)
+@pytest.mark.parametrize("table_dtype,prompt_dtype", [(torch.float32, torch.float32),
+                                                      (torch.bfloat16, torch.float32),
+                                                      (torch.float16, torch.float16)])
+def test_assembly_matches_manual_cat(asm_backend, batch, length, m, d, pad, kind, table_dtype, prompt_dtype):
+    g = torch.Generator().manual_seed(batch * 1000 + length * 10 + m)
+    device = _device(asm_backend)
+    vocab = 23
+    table = torch.randn(vocab, d, generator=g).to(table_dtype)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    mask = _mask(pad, batch, length, g)
+    task_ids = None
+    if kind == "shared":
+        prompt = torch.randn(m, d, generator=g)
+        rows = prompt.expand(batch, m, d)
+    elif kind == "per_row":
+        prompt = torch.randn(batch, m, d, generator=g)
+        rows = prompt
+    else:
+        prompt = torch.randn(4, m, d, generator=g)
+        task_ids = torch.randint(0, 3, (batch,), generator=g)  # task 3 unused
+        rows = prompt[task_ids]
+    prompt = prompt.to(prompt_dtype)
+    expected, expected_mask = _manual(table, ids, mask, rows.to(prompt_dtype))
+
+    p = prompt.detach().clone().to(device).requires_grad_()
+    with poisoned_outputs():
+        got = A.assemble_inputs(table.to(device), ids.to(device), mask.to(device), p,
+                                task_ids=None if task_ids is None else task_ids.to(device), backend=asm_backend)
+    emb = got.inputs_embeds
+    assert emb.dtype == table_dtype and emb.shape == (batch, m + length, d)
+    if asm_backend == "triton" and table_dtype != prompt_dtype and device.type == "cpu":
+        # Triton's interpreter truncates float32 -> bfloat16 instead of rounding: 1 ulp.
+        torch.testing.assert_close(emb.cpu().float(), expected.float(), rtol=8e-3, atol=0)
+    else:
+        assert torch.equal(emb.cpu(), expected), "assembled embeddings differ from the per-row concatenation"
+    assert torch.equal(got.attention_mask.cpu(), expected_mask)
+
+    # Gradient to the prompt equals autograd through the manual concatenation.
+    weight = torch.randn(emb.shape, generator=g).to(table_dtype)
+    (emb.float() * weight.to(device).float()).sum().backward()
+    p_ref = prompt.detach().clone().float().requires_grad_()  # float32 reference gradient
+    rows_ref = {"shared": lambda: p_ref.expand(batch, m, d), "per_row": lambda: p_ref,
+                "bank": lambda: p_ref[task_ids]}[kind]()
+    ref, _ = _manual(table.float(), ids, mask, rows_ref)
+    (ref * weight.float()).sum().backward()
+    tol = 1e-5 if prompt_dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(p.grad.cpu().float(), p_ref.grad, rtol=tol, atol=tol)
+    assert p.grad.dtype == prompt_dtype
+
+
+def test_positions_and_round_trip():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]])
+    ids = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4], [7, 8, 0, 0]])
+    table = torch.randn(10, 3)
+    got = A.assemble_inputs(table, ids, mask, torch.randn(2, 3))
+    assert got.prompt_starts.tolist() == [2, 0, 0]
+    assert got.token_positions.tolist() == [[0, 1, 4, 5], [2, 3, 4, 5], [2, 3, 4, 5]]
+    assert got.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1], [1] * 6, [1, 1, 1, 1, 0, 0]]
+    assert got.position_ids.tolist() == [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 0]]
+    labels = torch.arange(12).view(3, 4)
+    ext = got.insert(labels, -100)
+    assert ext.tolist()[0] == [0, 1, -100, -100, 2, 3]
+    assert torch.equal(got.real_tokens(ext), labels)
+    roberta = A.assemble_inputs(table, ids, mask, torch.randn(2, 3), position_offset=2, pad_position=1)
+    assert roberta.position_ids.tolist()[0] == [1, 1, 2, 3, 4, 5]
+
+
+def test_left_align_moves_pads_and_keeps_order():
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1]])
+    ids = torch.tensor([[5, 6, 0], [0, 7, 8], [1, 0, 2]])
+    new_mask, new_ids = A.left_align(mask, ids)
+    assert new_mask.tolist() == [[0, 1, 1], [0, 1, 1], [0, 1, 1]]
+    assert new_ids.tolist() == [[0, 5, 6], [0, 7, 8], [0, 1, 2]]
+    same = A.left_align(new_mask, new_ids)
+    assert same[0] is new_mask
+
+
+def test_sources_match_materialised_prompts_with_gradients():
+    g = torch.Generator().manual_seed(3)
+    d, n, r, batch, length = 24, 5, 3, 4, 6
+    table = torch.randn(30, d, generator=g)
+    ids = torch.randint(0, 30, (batch, length), generator=g)
+    mask = _mask("left", batch, length, g)
+    proj = lopa.ulpt_projection(r, d, seed=1)
+    params = [torch.randn(n, r, generator=g), torch.rand(d, generator=g) + 0.5, torch.randn(d, generator=g)]
+    a = [t.clone().requires_grad_() for t in params]
+    b = [t.clone().requires_grad_() for t in params]
+    out = A.assemble_inputs(table, ids, mask, A.ULPTSource(a[0], proj, a[1], a[2])).inputs_embeds
+    prompt = lopa.reference.ulpt_prompt(b[0][None], proj, b[1][None], b[2][None])[0]
+    ref = A.assemble_inputs(table, ids, mask, prompt, backend="reference").inputs_embeds
+    torch.testing.assert_close(out, ref)
+    w = torch.randn(out.shape, generator=g)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-5)
+
+    # LoPA's gate with a bank and task ids.
+    zs = torch.randn(3, n, d, generator=g, requires_grad=True)
+    u = torch.randn(batch, n, r, generator=g, requires_grad=True)
+    v = torch.randn(batch, r, d, generator=g, requires_grad=True)
+    tids = torch.tensor([2, 0, 2, 1])
+    out = A.assemble_inputs(table, ids, mask, A.GatedSource(zs, u, v), task_ids=tids).inputs_embeds
+    grads = torch.autograd.grad((out * w).sum(), (zs, u, v))
+    ref_prompt = zs[tids] * torch.sigmoid(u @ v)
+    ref = A.assemble_inputs(table, ids, mask, ref_prompt, backend="reference").inputs_embeds
+    ref_grads = torch.autograd.grad((ref * w).sum(), (zs, u, v))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for x, y in zip(grads, ref_grads):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_embedding_table_gradient_when_unfrozen():
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(12, 7, generator=g, requires_grad=True)
+    ids = torch.randint(0, 12, (3, 5), generator=g)
+    mask = _mask("left", 3, 5, g)
+    prompt = torch.randn(2, 7, generator=g)
+    out = A.assemble_inputs(table, ids, mask, prompt).inputs_embeds
+    w = torch.randn(out.shape, generator=g)
+    (grad,) = torch.autograd.grad((out * w).sum(), table)
+    table_ref = table.detach().clone().requires_grad_()
+    ref, _ = _manual(table_ref, ids, mask, prompt.expand(3, 2, 7))
+    (ref_grad,) = torch.autograd.grad((ref * w).sum(), table_ref)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_inputs_embeds_source():
+    g = torch.Generator().manual_seed(6)
+    embeds = torch.randn(3, 4, 5, generator=g)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    prompt = torch.randn(2, 5, generator=g)
+    got = A.assemble_inputs(None, None, mask, prompt, inputs_embeds=embeds).inputs_embeds
+    for b, s in enumerate([1, 0, 3]):
+        assert torch.equal(got[b], torch.cat([embeds[b, :s], prompt, embeds[b, s:]]))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda t, i, m, p: A.assemble_inputs(t, i.float(), m, p), "input_ids must be an integer tensor"),
+    (lambda t, i, m, p: A.assemble_inputs(t, i[0], m, p), r"input_ids must have shape \(B, L\)"),
+    (lambda t, i, m, p: A.assemble_inputs(t, i, m[:, :2], p), "attention_mask must have the shape of input_ids"),
+    (lambda t, i, m, p: A.assemble_inputs(t, i, m, p[:, :3]), "prompt has width 3 but the model's embeddings have width 4"),
+    (lambda t, i, m, p: A.assemble_inputs(t, i + 100, m, p), "input_ids contains 10[0-9], outside the embedding table's 10 rows"),
+    (lambda t, i, m, p: A.assemble_inputs(t, i, m, p.expand(5, 2, 4)), "prompt has 5 prompts but the batch has 3 rows"),
+    (lambda t, i, m, p: A.assemble_inputs(t, i, m, p, task_ids=torch.tensor([0, 1, 0])), "task_ids was given"),
+    (lambda t, i, m, p: A.assemble_inputs(t, i, m, p.expand(2, 2, 4), task_ids=torch.tensor([0, 2, 0])), "outside the bank"),
+    (lambda t, i, m, p: A.assemble_inputs(t, i, m, "prompt"), "prompt must be a Tensor, ULPTSource or GatedSource"),
+    (lambda t, i, m, p: A.assemble_inputs(t, i, m, p, backend="cuda"), "backend must be one of"),
+])
+def test_bad_inputs_name_the_argument(call, match):
+    table = torch.randn(10, 4)
+    ids = torch.randint(0, 10, (3, 5))
+    mask = torch.ones(3, 5, dtype=torch.int64)
+    with pytest.raises((ValueError, TypeError, IndexError), match=match):
+        call(table, ids, mask, torch.randn(2, 4))
