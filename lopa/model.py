@@ -544,9 +544,17 @@ class PromptTunedModel(nn.Module):
             "revision": None,
             "modules_to_save": None,
         }
+        tensors = {"prompt_embeddings": embeddings}
+        if self.task in ("seq_cls", "token_cls"):
+            # PEFT treats the classification head as a module to save and expects its
+            # weights in the adapter (here: the base model's own, frozen head).
+            heads = [h for h in ("classifier", "score") if isinstance(getattr(self.base_model, h, None), nn.Module)]
+            adapter_config["modules_to_save"] = heads
+            for head in heads:
+                for key, value in getattr(self.base_model, head).state_dict().items():
+                    tensors[f"base_model.{head}.{key}"] = value.detach().cpu().contiguous()
         os.makedirs(save_directory, exist_ok=True)
-        save_file({"prompt_embeddings": embeddings}, os.path.join(save_directory, "adapter_model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(tensors, os.path.join(save_directory, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(save_directory, "adapter_config.json"), "w") as f:
             json.dump(adapter_config, f, indent=2, sort_keys=True)
             f.write("\n")

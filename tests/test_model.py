@@ -12,8 +12,8 @@ import tiny_models as tm
 METHODS = ("ulpt", "pt", "lopa")
 
 
-def _wrap(base, method, seed=1, **kwargs):
-    torch.manual_seed(seed)
+def _wrap(base, method, torch_seed=1, **kwargs):
+    torch.manual_seed(torch_seed)
     kw = dict(num_tokens=4)
     if method == "lopa":
         kw.update(rank=2, hidden=16, dropout=0.0)
