@@ -24,12 +24,6 @@ class Backend(NamedTuple):
     ulpt: Callable
 
 
-def _reference_backend() -> Backend:
-    from lopa import reference
-
-    return Backend("reference", reference.gated_prompt, reference.ulpt_prompt)
-
-
 _LOADED: dict = {}
 
 
@@ -42,6 +36,13 @@ def _cached(fn):
         return _LOADED[fn.__name__]
 
     return wrapper
+
+
+@_cached
+def _reference_backend() -> Backend:
+    from lopa import reference
+
+    return Backend("reference", reference.gated_prompt, reference.ulpt_prompt)
 
 
 @_cached

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from lopa._poison import new_output
 
-# Rank chunks at least this wide use tl.dot (its operands need >= 16 per dimension);
-# narrower ones use a broadcast-multiply-and-sum, which wastes nothing at r = 1..8.
+# Ranks from this up use tl.dot (its operands need >= 16 per dimension); smaller ones
+# use rank-1 updates, which waste nothing at r = 1..8.
 DOT_MIN_RANK = 16
 MAX_BLOCK_R = 32
 # Aim for this many programs per launch so every SM of a large GPU has work.
@@ -29,12 +29,10 @@ def next_pow2(x: int) -> int:
 
 
 def rank_block(r: int):
-    """(BLOCK_R, USE_DOT) for rank r."""
-    # At least 2: a size-1 rank axis miscompiled on an H100 (Triton 3.6) while the
-    # interpreter got it right; the mask makes the padding free.
-    block = min(max(next_pow2(r), 2), MAX_BLOCK_R)
-    use_dot = block >= DOT_MIN_RANK
-    return block, use_dot
+    """(BLOCK_R, USE_DOT) for rank r: tl.dot over rank chunks from 16 up, else rank-1 updates."""
+    if r < DOT_MIN_RANK:
+        return 1, False
+    return min(next_pow2(r), MAX_BLOCK_R), True
 
 
 def tile_block(size: int, cap: int, floor: int = 1) -> int:
@@ -50,50 +48,21 @@ class Tiles(NamedTuple):
 
 
 def tiles_for(M: int, D: int, R: int) -> Tiles:
-    """Tile sizes for an (M, D) output built from a rank-R product.
-
-    The broadcast contraction holds a BLOCK_M x BLOCK_R x BLOCK_D product in registers,
-    so its tile shrinks as the rank grows; the tl.dot path keeps 16-wide minimums.
-    """
+    """Tile sizes for an (M, D) output built from a rank-R product (tl.dot needs >= 16)."""
     block_r, use_dot = rank_block(R)
-    if use_dot:
-        block_m = tile_block(M, 32, 16)
-        block_d = tile_block(D, 128, 16)
-    else:
-        block_m = tile_block(M, 16)
-        block_d = tile_block(D, max(16, min(256, 8192 // (block_m * block_r))))
+    floor = 16 if use_dot else 1
+    block_m = tile_block(M, 32, floor)
+    block_d = tile_block(D, 128 if use_dot else 256, 16)
+    while block_m * block_d > 8192 and block_d > 16:
+        block_d //= 2
     num_warps = 8 if block_m * block_d >= 4096 else 4
     return Tiles(block_m, block_d, block_r, use_dot, num_warps)
 
 
 # ----------------------------------------------------------------------------- jit helpers
-@triton.jit
-def contract_rank(a, b, USE_DOT: tl.constexpr):
-    """(M, R) @ (R, D) -> (M, D) in float32."""
-    if USE_DOT:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-
-
-@triton.jit
-def contract_with_rows_t(h, b, USE_DOT: tl.constexpr):
-    """(M, D) @ (R, D)^T -> (M, R) in float32."""
-    if USE_DOT:
-        return tl.dot(h, tl.trans(b), input_precision="ieee")
-    else:
-        return tl.sum(h[:, None, :] * b[None, :, :], axis=2)
-
-
-@triton.jit
-def contract_with_cols_t(a, h, USE_DOT: tl.constexpr):
-    """(M, R)^T @ (M, D) -> (R, D) in float32."""
-    if USE_DOT:
-        return tl.dot(tl.trans(a), h, input_precision="ieee")
-    else:
-        return tl.sum(a[:, :, None] * h[:, None, :], axis=0)
-
-
+# Small ranks use rank-1 updates over 2-D tiles.  (A first version reduced a 3-D
+# broadcast product instead; Triton 3.6 miscompiled it on an H100 for some tile shapes
+# while the interpreter was right, so only plain 2-D and 1-D operations remain.)
 @triton.jit
 def low_rank_tile(
     a_ptr, s_am, s_ar, b_ptr, s_br, s_bd, offs_m, offs_d, mask_m, mask_d, R,
@@ -101,15 +70,58 @@ def low_rank_tile(
 ):
     """One (BLOCK_M, BLOCK_D) tile of A @ B for A (M, R), B (R, D) of any strides, in float32."""
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for k0 in range(0, R, BLOCK_R):
-        offs_r = k0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        a = tl.load(a_ptr + offs_m[:, None] * s_am + offs_r[None, :] * s_ar,
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + offs_r[:, None] * s_br + offs_d[None, :] * s_bd,
-                    mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        acc += contract_rank(a, b, USE_DOT)
+    if USE_DOT:
+        for k0 in range(0, R, BLOCK_R):
+            offs_r = k0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            a = tl.load(a_ptr + offs_m[:, None] * s_am + offs_r[None, :] * s_ar,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + offs_r[:, None] * s_br + offs_d[None, :] * s_bd,
+                        mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            acc += tl.dot(a, b, input_precision="ieee")
+    else:
+        for k in range(0, R):
+            a = tl.load(a_ptr + offs_m * s_am + k * s_ar, mask=mask_m, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + k * s_br + offs_d * s_bd, mask=mask_d, other=0.0).to(tl.float32)
+            acc += a[:, None] * b[None, :]
     return acc
+
+
+@triton.jit
+def low_rank_grads(
+    h, a_ptr, s_am, s_ar, b_ptr, s_br, s_bd,
+    da_ptr, s_dam, s_dar, db_ptr, s_dbr, s_dbd,
+    offs_m, offs_d, mask_m, mask_d, R,
+    NEED_A: tl.constexpr, NEED_B: tl.constexpr, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """Given the gradient tile ``h`` of A @ B, store this tile's share of dA = h B^T (summed
+    over the tile's columns) and of dB = A^T h (summed over the tile's rows)."""
+    if USE_DOT:
+        for k0 in range(0, R, BLOCK_R):
+            offs_r = k0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            if NEED_A:
+                b = tl.load(b_ptr + offs_r[:, None] * s_br + offs_d[None, :] * s_bd,
+                            mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+                da = tl.dot(h, tl.trans(b), input_precision="ieee")
+                tl.store(da_ptr + offs_m[:, None] * s_dam + offs_r[None, :] * s_dar,
+                         da.to(da_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+            if NEED_B:
+                a = tl.load(a_ptr + offs_m[:, None] * s_am + offs_r[None, :] * s_ar,
+                            mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+                db = tl.dot(tl.trans(a), h, input_precision="ieee")
+                tl.store(db_ptr + offs_r[:, None] * s_dbr + offs_d[None, :] * s_dbd,
+                         db.to(db_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
+    else:
+        for k in range(0, R):
+            if NEED_A:
+                b = tl.load(b_ptr + k * s_br + offs_d * s_bd, mask=mask_d, other=0.0).to(tl.float32)
+                da = tl.sum(h * b[None, :], axis=1)
+                tl.store(da_ptr + offs_m * s_dam + k * s_dar, da.to(da_ptr.dtype.element_ty), mask=mask_m)
+            if NEED_B:
+                a = tl.load(a_ptr + offs_m * s_am + k * s_ar, mask=mask_m, other=0.0).to(tl.float32)
+                db = tl.sum(a[:, None] * h, axis=0)
+                tl.store(db_ptr + k * s_dbr + offs_d * s_dbd, db.to(db_ptr.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit

@@ -18,12 +18,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lopa._autograd import register_gated_prompt
+from lopa._autograd import eager_fast_path, register_gated_prompt
 from lopa._poison import new_output
 from lopa.kernels._shared import (
     chunk_size_for,
-    contract_with_cols_t,
-    contract_with_rows_t,
+    low_rank_grads,
     low_rank_tile,
     make_chunks,
     segment_sum,
@@ -71,8 +70,6 @@ def _gated_bwd_kernel(
     j = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
     pid_d = tl.program_id(2)
-    n_dt = tl.num_programs(2)
-    n_mt = tl.num_programs(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_m = offs_m < M
@@ -104,23 +101,13 @@ def _gated_bwd_kernel(
             dzs += g * gate
         if NEED_U or NEED_V:
             h = g * zs * gate * (1.0 - gate)
-            for k0 in range(0, R, BLOCK_R):
-                offs_r = k0 + tl.arange(0, BLOCK_R)
-                mask_r = offs_r < R
-                if NEED_U:
-                    v = tl.load(v_row + offs_r[:, None] * s_vr + offs_d[None, :] * s_vd,
-                                mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-                    du = contract_with_rows_t(h, v, USE_DOT)
-                    du_ptrs = du_part_ptr + ((pid_d * B + b) * M + offs_m[:, None]) * R + offs_r[None, :]
-                    tl.store(du_ptrs, du, mask=mask_m[:, None] & mask_r[None, :])
-                if NEED_V:
-                    u = tl.load(u_row + offs_m[:, None] * s_um + offs_r[None, :] * s_ur,
-                                mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-                    dv = contract_with_cols_t(u, h, USE_DOT)
-                    dv_ptrs = dv_part_ptr + ((pid_m * B + b) * R + offs_r[:, None]) * D + offs_d[None, :]
-                    tl.store(dv_ptrs, dv, mask=mask_r[:, None] & mask_d[None, :])
+            low_rank_grads(h, u_row, s_um, s_ur, v_row, s_vr, s_vd,
+                           du_part_ptr + (pid_d * B + b) * M * R, R, 1,
+                           dv_part_ptr + (pid_m * B + b) * R * D, D, 1,
+                           offs_m, offs_d, mask_m, mask_d, R, NEED_U, NEED_V, BLOCK_R, USE_DOT)
     if NEED_ZS:
-        tl.store(dzs_part_ptr + (j * M + offs_m[:, None]) * D + offs_d[None, :], dzs, mask=mask)
+        tl.store(dzs_part_ptr + (j * M + offs_m[:, None]) * D + offs_d[None, :],
+                 dzs.to(dzs_part_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- host code
@@ -148,11 +135,12 @@ def _backward(grad_out, zs, u, v, task_ids, need_zs, need_u, need_v) -> List[Ten
     tiles = tiles_for(M, D, R)
     n_mt, n_dt = triton.cdiv(M, tiles.m), triton.cdiv(D, tiles.d)
     chunks = make_chunks(task_ids, B, T, chunk_size_for(B, n_mt * n_dt), zs.device)
-    f32 = torch.float32
     nothing = zs.new_empty((0,))
-    du_part = new_output((n_dt, B, M, R), u, f32) if need_u else nothing
-    dv_part = new_output((n_mt, B, R, D), v, f32) if need_v else nothing
-    dzs_part = new_output((chunks.count, M, D), zs, f32) if need_zs else nothing
+    # A single partial is the gradient itself: the kernel then writes it in its final dtype.
+    du_part = new_output((n_dt, B, M, R), u, _partial_dtype(n_dt, u)) if need_u else nothing
+    dv_part = new_output((n_mt, B, R, D), v, _partial_dtype(n_mt, v)) if need_v else nothing
+    single = task_ids is None and chunks.count == 1
+    dzs_part = new_output((chunks.count, M, D), zs, _partial_dtype(chunks.count, zs)) if need_zs else nothing
     if chunks.count and M and D:
         meta = [chunks.order, chunks.start, chunks.length, chunks.task]
         meta = [t if t is not None else nothing for t in meta]
@@ -165,10 +153,28 @@ def _backward(grad_out, zs, u, v, task_ids, need_zs, need_u, need_v) -> List[Ten
             num_warps=tiles.num_warps,
         )
     # Distinct empty tensors for the gradients not asked for: outputs may not alias.
-    grad_zs = segment_sum(dzs_part, chunks, T, (T, M, D), zs.dtype) if need_zs else zs.new_empty((0,))
-    grad_u = du_part.sum(0).to(u.dtype) if need_u else u.new_empty((0,))
-    grad_v = dv_part.sum(0).to(v.dtype) if need_v else v.new_empty((0,))
+    if not need_zs:
+        grad_zs = zs.new_empty((0,))
+    elif single:
+        grad_zs = dzs_part
+    elif task_ids is None:
+        grad_zs = dzs_part.sum(0, keepdim=True).to(zs.dtype)
+    else:
+        grad_zs = segment_sum(dzs_part, chunks, T, (T, M, D), zs.dtype)
+    grad_u = _finish(du_part, u) if need_u else u.new_empty((0,))
+    grad_v = _finish(dv_part, v) if need_v else v.new_empty((0,))
     return [grad_zs, grad_u, grad_v]
+
+
+def _partial_dtype(count: int, like: Tensor) -> torch.dtype:
+    return like.dtype if count == 1 else torch.float32
+
+
+def _finish(partials: Tensor, like: Tensor) -> Tensor:
+    """Sum per-tile partials (fixed order) into a gradient shaped and typed like ``like``."""
+    if partials.shape[0] == 1:
+        return partials[0]
+    return partials.sum(0).to(like.dtype)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -186,4 +192,8 @@ def gated_prompt_bwd(
 
 
 register_gated_prompt("lopa_triton::gated_prompt_fwd", "lopa_triton::gated_prompt_bwd")
-gated_prompt = torch.ops.lopa_triton.gated_prompt_fwd
+gated_prompt = eager_fast_path(
+    torch.ops.lopa_triton.gated_prompt_fwd,
+    _forward,
+    lambda grad_out, inputs, needs: _backward(grad_out, *inputs, *needs),
+)

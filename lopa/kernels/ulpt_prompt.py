@@ -18,12 +18,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lopa._autograd import register_ulpt
+from lopa._autograd import eager_fast_path, register_ulpt
 from lopa._poison import new_output
 from lopa.kernels._shared import (
     chunk_size_for,
-    contract_with_cols_t,
-    contract_with_rows_t,
+    low_rank_grads,
     low_rank_tile,
     make_chunks,
     segment_sum,
@@ -104,22 +103,10 @@ def _ulpt_bwd_kernel(
         tl.store(dscale_part_ptr + vec, tl.sum(g * zp, axis=0), mask=mask_d)
     if NEED_Z or NEED_P:
         scale = tl.load(scale_ptr + t * s_st + offs_d * s_sd, mask=mask_d, other=0.0).to(tl.float32)
-        gs = g * scale[None, :]
-        for k0 in range(0, R, BLOCK_R):
-            offs_r = k0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            if NEED_Z:
-                p = tl.load(p_ptr + offs_r[:, None] * s_pr + offs_d[None, :] * s_pd,
-                            mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-                dz = contract_with_rows_t(gs, p, USE_DOT)
-                dz_ptrs = dz_part_ptr + ((j * n_dt + pid_d) * N + offs_n[:, None]) * R + offs_r[None, :]
-                tl.store(dz_ptrs, dz, mask=mask_n[:, None] & mask_r[None, :])
-            if NEED_P:
-                z = tl.load(z_task + offs_n[:, None] * s_zn + offs_r[None, :] * s_zr,
-                            mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-                dp = contract_with_cols_t(z, gs, USE_DOT)
-                dp_ptrs = dp_part_ptr + ((j * n_nt + pid_n) * R + offs_r[:, None]) * D + offs_d[None, :]
-                tl.store(dp_ptrs, dp, mask=mask_r[:, None] & mask_d[None, :])
+        low_rank_grads(g * scale[None, :], z_task, s_zn, s_zr, p_ptr, s_pr, s_pd,
+                       dz_part_ptr + (j * n_dt + pid_d) * N * R, R, 1,
+                       dp_part_ptr + (j * n_nt + pid_n) * R * D, D, 1,
+                       offs_n, offs_d, mask_n, mask_d, R, NEED_Z, NEED_P, BLOCK_R, USE_DOT)
 
 
 # ----------------------------------------------------------------------------- host code
@@ -200,4 +187,11 @@ def ulpt_bwd(
 
 
 register_ulpt("lopa_triton::ulpt_fwd", "lopa_triton::ulpt_bwd")
-ulpt_prompt = torch.ops.lopa_triton.ulpt_fwd
+
+
+def _eager_backward(grad_out, inputs, needs):
+    z, proj, scale, shift, task_ids = inputs
+    return _backward(grad_out, z, proj, scale, task_ids, *needs)
+
+
+ulpt_prompt = eager_fast_path(torch.ops.lopa_triton.ulpt_fwd, _forward, _eager_backward)
