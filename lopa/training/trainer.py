@@ -1,0 +1,394 @@
+"""The training loop: AdamW, warm-up + linear decay, accumulation, clipping, evaluation, checkpoints.
+
+Reproducible and resumable:
+
+* The data order is a function of ``(seed, epoch)`` only (a fresh ``torch.Generator`` per
+  epoch), and the position in it is two integers, so a resumed run takes exactly the
+  batches the uninterrupted run would have taken.
+* ``output_dir/checkpoint.pt`` holds the trainable parameters (never the frozen model),
+  the optimizer and scheduler, every rank's RNG states and the data position; it is
+  written atomically every ``save_every`` steps.  ``resume=True`` (default) continues from
+  it; the metrics log is cut back to the checkpoint's step first, so the resumed run's
+  ``metrics.jsonl`` equals an uninterrupted run's (wall-clock fields aside).
+* ``output_dir/best.pt`` keeps the trainable parameters of the best evaluation so far.
+
+Multi-process (``torchrun`` / ``accelerate launch``): the trainer joins the process group
+from the environment (gloo on CPU, NCCL on CUDA), wraps the model in
+``DistributedDataParallel`` (frozen parameters ignored), gives each rank its share of
+every global batch (``batch_size × grad_accum × world_size`` examples per step),
+evaluates on shards and all-reduces the sums; rank 0 writes logs and checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from lopa.training import checkpoint as ckpt
+from lopa.training.evaluation import dist_info, evaluate, peak_memory_mb, reset_peak_memory
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+METRICS = "metrics.jsonl"
+# Test hook: SIGKILL this process right after logging this step (a real, unclean kill).
+KILL_ENV = "LOPA_TEST_KILL_AFTER_STEP"
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop needs; every field is a ``lopa train`` flag of the same name."""
+
+    output_dir: str
+    max_steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    warmup_steps: Optional[int] = None  # default: 10 % of max_steps
+    max_grad_norm: Optional[float] = 1.0
+    eval_every: int = 50
+    save_every: int = 50
+    eval_batch_size: int = 32
+    seed: int = 0
+    metric: str = "accuracy"
+    greater_is_better: bool = True
+    resume: bool = True
+    progress: bool = True
+    generate_in_eval: bool = True
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("eval_every", "save_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0 (0 = only at the end), got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.warmup_steps is None:
+            self.warmup_steps = max(0, int(round(0.1 * self.max_steps)))
+        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            self.max_grad_norm = None
+
+
+class EpochBatches:
+    """Global batches of example indices: a seeded permutation per epoch, incomplete tail dropped."""
+
+    def __init__(self, num_examples: int, global_batch: int, seed: int):
+        if num_examples < global_batch:
+            raise ValueError(
+                f"the training set has {num_examples} examples, fewer than one global batch "
+                f"(batch_size × grad_accum × world_size = {global_batch})"
+            )
+        self.n, self.global_batch, self.seed = num_examples, global_batch, seed
+        self.per_epoch = num_examples // global_batch
+        self._cache = (None, None)
+
+    def order(self, epoch: int) -> List[int]:
+        if self._cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache = (epoch, torch.randperm(self.n, generator=g).tolist())
+        return self._cache[1]
+
+    def batch(self, epoch: int, index: int) -> List[int]:
+        start = index * self.global_batch
+        return self.order(epoch)[start:start + self.global_batch]
+
+
+class Trainer:
+    """Train ``model`` (a :class:`~lopa.training.tasks.TaskModel`) on encoded examples.
+
+    Args:
+        model: its trainable parameters are those with ``requires_grad``.
+        task: the task (collate / evaluation).
+        train_examples, eval_examples: lists of ``task.encode`` outputs.
+        config: :class:`TrainConfig`.
+        callbacks: ``fn(trainer, step)`` called after every optimizer step (after logging).
+    """
+
+    def __init__(self, model, task, train_examples: Sequence[dict], eval_examples: Optional[Sequence[dict]],
+                 config: TrainConfig, *, callbacks: Sequence[Callable] = (), run_info: Optional[dict] = None):
+        self.model = model
+        self.task = task
+        self.train_examples = list(train_examples)
+        self.eval_examples = list(eval_examples) if eval_examples else []
+        self.config = config
+        self.callbacks = list(callbacks)
+        self.run_info = dict(run_info or {})
+        self.out = Path(config.output_dir)
+        self.rank, self.world = _init_distributed()
+        self.device = next(model.parameters()).device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (requires_grad=True): nothing to train")
+        self.ddp = None
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+            frozen += [name for name, _ in model.named_buffers()]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+            self.ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        from transformers import get_linear_schedule_with_warmup
+
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": config.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, config.warmup_steps, config.max_steps)
+        self.batches = EpochBatches(len(self.train_examples), config.batch_size * config.grad_accum * self.world,
+                                    config.seed)
+        self.state = {"step": 0, "epoch": 0, "index": 0, "best_metric": None, "best_step": None}
+        self.history: List[dict] = []
+
+    # ------------------------------------------------------------------ logging
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.is_main:
+            with open(self.out / METRICS, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _gather_rng(self):
+        state = ckpt.rng_state()
+        if self.world == 1:
+            return [state]
+        states = [None] * self.world
+        dist.all_gather_object(states, state)
+        return states
+
+    def save_checkpoint(self) -> None:
+        rngs = self._gather_rng()
+        if not self.is_main:
+            return
+        ckpt.atomic_save({
+            "format": "lopa-train-checkpoint",
+            "version": 1,
+            "trainable": ckpt.trainable_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rngs,
+            "state": dict(self.state),
+            "config": asdict(self.config),
+            "world_size": self.world,
+            "run_info": self.run_info,
+        }, self.out / CHECKPOINT)
+
+    def _try_resume(self) -> bool:
+        path = self.out / CHECKPOINT
+        if not (self.config.resume and path.exists()):
+            return False
+        data = ckpt.load(path)
+        if data.get("format") != "lopa-train-checkpoint":
+            raise ValueError(f"{path} is not a lopa training checkpoint")
+        if data.get("world_size", 1) != self.world:
+            raise ValueError(
+                f"{path} was written by a {data.get('world_size')}-process run; resume it with the same "
+                f"number of processes (this run has {self.world}), or start a new --output-dir"
+            )
+        saved = data["config"]
+        for key in ("batch_size", "grad_accum", "seed", "max_steps", "lr", "warmup_steps"):
+            if saved.get(key) != getattr(self.config, key):
+                raise ValueError(
+                    f"cannot resume {path}: it was trained with {key}={saved.get(key)!r} but this run has "
+                    f"{key}={getattr(self.config, key)!r}; use the same settings or another --output-dir"
+                )
+        ckpt.load_trainable_state(self.model, data["trainable"], source=str(path))
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.scheduler.load_state_dict(data["scheduler"])
+        ckpt.set_rng_state(data["rng"][self.rank])
+        self.state = dict(data["state"])
+        if self.is_main:
+            ckpt.truncate_jsonl(self.out / METRICS, self.state["step"])
+        self.history = [r for r in ckpt.read_jsonl(self.out / METRICS)]
+        return True
+
+    def _save_best(self, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        ckpt.atomic_save({"format": "lopa-best", "trainable": ckpt.trainable_state(self.model),
+                          "step": self.state["step"], "metrics": metrics, "run_info": self.run_info},
+                         self.out / BEST)
+
+    # ------------------------------------------------------------------ loop
+    def _micro_batches(self, indices: List[int]):
+        cfg = self.config
+        per_rank = cfg.batch_size * cfg.grad_accum
+        mine = indices[self.rank * per_rank:(self.rank + 1) * per_rank]
+        for a in range(cfg.grad_accum):
+            chunk = [self.train_examples[i] for i in mine[a * cfg.batch_size:(a + 1) * cfg.batch_size]]
+            yield {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
+                   for k, v in self.task.collate(chunk).items()}
+
+    def train_step(self, indices: List[int]) -> Dict[str, float]:
+        cfg = self.config
+        module = self.ddp if self.ddp is not None else self.model
+        self.model.train()
+        total = 0.0
+        for a, batch in enumerate(self._micro_batches(indices)):
+            last = a == cfg.grad_accum - 1
+            sync = self.ddp.no_sync() if (self.ddp is not None and not last) else _null()
+            with sync:
+                loss = module(**batch)["loss"] / cfg.grad_accum
+                loss.backward()
+            total += float(loss.detach())
+        if cfg.max_grad_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        else:
+            norm = float(torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in self.params if p.grad is not None)))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.world > 1:
+            t = torch.tensor([total], dtype=torch.float64)
+            dist.all_reduce(t)
+            total = float(t) / self.world
+        return {"loss": total, "grad_norm": norm, "lr": lr}
+
+    def evaluate(self, examples=None, desc="eval") -> Dict[str, float]:
+        return evaluate(self.model, self.task, self.eval_examples if examples is None else examples,
+                        batch_size=self.config.eval_batch_size, progress=self.config.progress, desc=desc,
+                        generate=self.config.generate_in_eval)
+
+    def _is_better(self, value: float) -> bool:
+        best = self.state["best_metric"]
+        if best is None:
+            return True
+        return value > best if self.config.greater_is_better else value < best
+
+    def _eval_and_keep_best(self) -> dict:
+        metrics = self.evaluate(desc=f"eval@{self.state['step']}")
+        record = {"step": self.state["step"], "split": "validation", **metrics}
+        self.log(record)
+        value = metrics.get(self.config.metric)
+        if value is None:
+            raise ValueError(f"metric {self.config.metric!r} is not among the evaluation's {sorted(metrics)}")
+        if self._is_better(value):
+            self.state["best_metric"] = value
+            self.state["best_step"] = self.state["step"]
+            self._save_best(metrics)
+        return metrics
+
+    def train(self) -> dict:
+        """Run (or resume) to ``max_steps``; returns a summary (best metric, timings, memory)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if self.world > 1:
+            dist.barrier()
+        resumed = self._try_resume()
+        if not resumed:
+            ckpt.seed_everything(cfg.seed + 7919 * self.rank)
+            if self.is_main:
+                (self.out / METRICS).unlink(missing_ok=True)
+                for stale in (CHECKPOINT, BEST):
+                    (self.out / stale).unlink(missing_ok=True)
+                ckpt.atomic_write_text(self.out / "train_config.json",
+                                       json.dumps({"train": asdict(cfg), "run": self.run_info}, indent=2) + "\n")
+        if self.world > 1:
+            dist.barrier()
+        reset_peak_memory()
+        kill_at = os.environ.get(KILL_ENV)
+        kill_at = int(kill_at) if kill_at else None
+        step_times: List[float] = []
+        bar = tqdm(total=cfg.max_steps, initial=self.state["step"], desc="train", disable=not cfg.progress or not self.is_main,
+                   dynamic_ncols=True)
+        last_eval = None
+        try:
+            while self.state["step"] < cfg.max_steps:
+                indices = self.batches.batch(self.state["epoch"], self.state["index"])
+                t0 = time.perf_counter()
+                stats = self.train_step(indices)
+                dt = time.perf_counter() - t0
+                step_times.append(dt)
+                self.state["index"] += 1
+                if self.state["index"] >= self.batches.per_epoch:
+                    self.state["epoch"] += 1
+                    self.state["index"] = 0
+                self.state["step"] += 1
+                step = self.state["step"]
+                if not math.isfinite(stats["loss"]):
+                    raise FloatingPointError(f"training loss became {stats['loss']} at step {step}; lower --lr")
+                self.log({"step": step, "split": "train", "epoch": self.state["epoch"], **stats, "step_time": dt})
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", **({cfg.metric: f"{last_eval:.4f}"} if last_eval is not None else {}))
+                if kill_at is not None and step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                final = step == cfg.max_steps
+                if self.eval_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or final):
+                    last_eval = self._eval_and_keep_best()[cfg.metric]
+                if (cfg.save_every and step % cfg.save_every == 0) or final:
+                    self.save_checkpoint()
+                for fn in self.callbacks:
+                    fn(self, step)
+        finally:
+            bar.close()
+        if not self.eval_examples and self.is_main:
+            self._save_best({})
+        memory = peak_memory_mb()
+        summary = {
+            "steps": self.state["step"],
+            "best_step": self.state["best_step"],
+            f"best_{cfg.metric}": self.state["best_metric"],
+            "median_step_time": _median(step_times),
+            "trainable_params": sum(p.numel() for p in self.params),
+            "resumed": resumed,
+            **memory,
+        }
+        return summary
+
+    def load_best(self) -> dict:
+        """Load ``best.pt`` into the model; returns its record (step, metrics)."""
+        if self.world > 1:
+            dist.barrier()
+        data = ckpt.load(self.out / BEST)
+        ckpt.load_trainable_state(self.model, data["trainable"], source=str(self.out / BEST))
+        return {"step": data.get("step"), "metrics": data.get("metrics")}
+
+
+def _median(values: Sequence[float]) -> Optional[float]:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[len(s) // 2]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _init_distributed():
+    """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return dist_info()
