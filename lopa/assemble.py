@@ -177,8 +177,19 @@ def insert_virtual(values: Tensor, token_positions: Tensor, num_virtual: int, fi
 def take_positions(values: Tensor, positions: Tensor) -> Tensor:
     """``values[b, positions[b, j], ...]`` -> ``(B, L, ...)``."""
     batch, length = positions.shape
-    index = positions.view(batch, length, *([1] * (values.dim() - 2)))
-    return torch.take_along_dim(values, index, dim=1)
+    if batch and length:
+        first = positions[:, :1]
+        offset = positions[0, 0]
+        # The common case (no left padding): every row's tokens follow the prompt, so the
+        # result is a view; no copy of a (B, L, vocab) logits tensor.
+        if not torch.compiler.is_compiling() and bool(
+            (positions == first + torch.arange(length, device=positions.device)).all() & (first == offset).all()
+        ):
+            return values.narrow(1, int(offset), length)
+    # Row-wise gather; advanced indexing avoids take_along_dim's index broadcast to the
+    # full (B, L, ...) shape (8 bytes per element: twice a float32 logits tensor).
+    rows = torch.arange(batch, device=positions.device)[:, None]
+    return values[rows, positions]
 
 
 def position_ids_from_mask(attention_mask: Tensor, offset: int = 0, pad_value: Optional[int] = None) -> Tensor:
