@@ -1,0 +1,22 @@
+"""Multi-task prompt serving: many tasks' prompts in one bank, any mix of them in one batch.
+
+* :class:`PromptBank` -- the tasks' prompt parameters (ULPT ``z``/``scale``/``shift`` and the
+  projection seed, PT ``Z``, LoPA ``Z_S`` and heads) in stacked tensors on the device;
+  add / replace / remove by name at run time, load saved checkpoints, report memory.
+* :meth:`PromptBank.assemble` -- a batch of ``(task, token ids)`` requests becomes the
+  frozen model's ``inputs_embeds`` / ``attention_mask`` / ``position_ids`` in a constant
+  number of kernel launches (:mod:`lopa.serving.assembly`).
+* :meth:`PromptBank.generate` -- completions for a mixed batch on a causal LM, greedy or
+  sampled with per-request seeds, each equal to serving the request alone
+  (:mod:`lopa.serving.generation`).
+* :meth:`PromptBank.prompt_embeds` -- one request's ``(m + n, d)`` input for vLLM's
+  ``{"prompt_embeds": ...}`` prompt input.
+
+Bad requests (unknown task, empty or over-long input, out-of-vocabulary ids...) get a
+:class:`RequestError` each; the rest of the batch is served.
+"""
+from lopa.serving.assembly import ERROR_CODES, Request, RequestError, ServingBatch
+from lopa.serving.bank import BankMemory, PromptBank
+from lopa.serving.generation import Completion
+
+__all__ = ["PromptBank", "BankMemory", "Request", "RequestError", "ServingBatch", "Completion", "ERROR_CODES"]
