@@ -279,3 +279,24 @@ def test_position_ids_argument_is_ignored_with_a_warning():
     with torch.no_grad():
         b = model(ids, mask).logits
     assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_matches_cpu_and_trains_in_bf16(method):
+    cpu = _wrap(tm.llama(), method)
+    gpu = _wrap(tm.llama(), method).cuda()
+    ids, mask = tm.batch(3, 7, "left")
+    with torch.no_grad():
+        a = cpu(ids, mask).logits
+        b = gpu(ids.cuda(), mask.cuda()).logits.cpu()
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    gen_cpu = cpu.generate(ids, mask, max_new_tokens=4, do_sample=False)
+    gen_gpu = gpu.generate(ids.cuda(), mask.cuda(), max_new_tokens=4, do_sample=False)
+    assert torch.equal(gen_cpu, gen_gpu.cpu())
+    gpu.to(torch.bfloat16).train()
+    labels = ids.masked_fill(mask == 0, -100).cuda()
+    gpu(ids.cuda(), mask.cuda(), labels=labels).loss.backward()
+    for p in gpu.prompt.parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()

@@ -28,15 +28,17 @@ def _assemble_kernel(
     dmask = offs < D
     in_prompt = (j >= start) & (j < start + M)
     out_row = out_ptr + row * D + offs
+    # The two branches use distinct names: Triton requires a name bound in both branches
+    # to have one type, and the prompt (float32) and the table (bfloat16) may differ.
     if in_prompt:
         p = tl.load(prompt_index_ptr + b)
-        vals = tl.load(prompt_ptr + p * prompt_stride0 + (j - start) * prompt_stride1 + offs, mask=dmask)
-        tl.store(out_row, vals.to(out_ptr.dtype.element_ty), mask=dmask)
+        prompt_vals = tl.load(prompt_ptr + p * prompt_stride0 + (j - start) * prompt_stride1 + offs, mask=dmask)
+        tl.store(out_row, prompt_vals.to(out_ptr.dtype.element_ty), mask=dmask)
     else:
         tok_j = tl.where(j < start, j, j - M)
         t = tl.load(row_index_ptr + b * L + tok_j)
-        vals = tl.load(table_ptr + t * table_stride + offs, mask=dmask)
-        tl.store(out_row, vals.to(out_ptr.dtype.element_ty), mask=dmask)
+        token_vals = tl.load(table_ptr + t * table_stride + offs, mask=dmask)
+        tl.store(out_row, token_vals.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
 def assemble_embeds_(out: Tensor, table: Tensor, row_index: Tensor, starts: Tensor,
