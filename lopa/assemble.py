@@ -326,7 +326,7 @@ class _AssembleEmbeds(torch.autograd.Function):
             slots = starts[:, None] + torch.arange(m, device=grad.device)[None, :]
             # Sums over rows run in float32 at least (a half prompt gets one rounding).
             acc = torch.promote_types(prompt_dtype, torch.float32)
-            rows = take_positions(grad, slots)  # (B, m, d)
+            rows = grad[torch.arange(batch, device=grad.device)[:, None], slots]  # (B, m, d), no host sync
             if ctx.per_row:
                 grad_prompt = rows.to(prompt_dtype)
             elif num_prompts == 1:
