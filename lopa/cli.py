@@ -301,9 +301,16 @@ def cmd_train(args) -> int:
 
     spec = _spec_from(args)
     config = _train_config(args)
-    summary = train(spec, config)
+    try:
+        summary = train(spec, config)
+        rank = dist_info()[0]
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     model = summary.pop("task_model")
-    if dist_info()[0] == 0:
+    if rank == 0:
         if getattr(model, "prompted", None) is not None and spec.method in ("pt", "ulpt", "lopa"):
             try:  # issue 3's format: lopa_config.json + lopa_model.safetensors
                 model.prompted.save_pretrained(os.path.join(config.output_dir, "best_prompt"))
@@ -399,7 +406,7 @@ def cmd_compare(args, preset: str) -> int:
             job["seeds"] = [int(s) for s in str(args.seeds).split(",") if s.strip()]
         except ValueError:
             raise SystemExit(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
-    run_comparison(job, progress=args.progress)
+    run_comparison(job, progress=args.progress, threads=args.threads)
     return 0
 
 

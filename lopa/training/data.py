@@ -111,7 +111,8 @@ def load_splits(
             else:
                 label_names = [str(v) for v in values]
                 index = {v: i for i, v in enumerate(values)}
-                ds = ds.map(lambda ex: {"label": index[ex["label"]]})
+                ds = ds.map(lambda ex: {"_label": index[ex["label"]]}).remove_columns("label")
+                ds = ds.rename_column("_label", "label")
         stratify = ds["label"]
     elif task == "completion":
         if dataset in assets.CORPORA:
