@@ -89,7 +89,8 @@ def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32):
 def load_encoder(name: str) -> Tuple[torch.nn.Module, object]:
     """(encoder, tokenizer) for LoPA's frozen instance encoder (a BERT-like ``AutoModel``)."""
     path = resolve_model_path(name)
-    _offline_env() if name in assets.MODEL_ALIASES else None
+    if name in assets.MODEL_ALIASES:
+        _offline_env()
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -180,6 +180,8 @@ def load_lm(spec: RunSpec):
 # --------------------------------------------------------------------------- entry points
 def train(spec: RunSpec, config: TrainConfig, *, prepared: Optional[Prepared] = None, callbacks=()) -> dict:
     """Train and then evaluate the best checkpoint on the test split; returns the summary."""
+    if spec.method == "zero-shot":
+        raise ValueError("--method zero-shot has nothing to train; use `lopa eval --method zero-shot`")
     if prepared is None:
         lm, tokenizer = load_lm(spec)
         prepared = prepare_data(spec, lm, tokenizer, encoder=load_instance_encoder(spec), progress=config.progress)
@@ -187,8 +189,6 @@ def train(spec: RunSpec, config: TrainConfig, *, prepared: Optional[Prepared] = 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_text(out / RUN_FILE, json.dumps({"spec": asdict(spec), "train": asdict(config)}, indent=2) + "\n")
-    if spec.method == "zero-shot":
-        raise ValueError("--method zero-shot has nothing to train; use `lopa eval --method zero-shot`")
     trainer = Trainer(model, prepared.task, prepared.splits["train"], prepared.splits.get("validation"), config,
                       callbacks=callbacks, run_info={"spec": asdict(spec)})
     summary = trainer.train()
