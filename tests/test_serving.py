@@ -294,13 +294,15 @@ def test_triton_and_torch_assemblies_agree():
     g = torch.Generator().manual_seed(11)
     bank, modules = _mixed_bank(g, with_lopa=False)
     table = torch.randn(40, D, generator=g)
+    if torch.cuda.is_available():
+        bank, table = _moved(bank, modules, torch.device("cuda")), table.cuda()
     names = list(modules)
     requests = [(names[i % len(names)], torch.randint(0, 40, (1 + i % 6,), generator=g)) for i in range(17)]
     a = bank.assemble(requests, embedding_weight=table, backend="torch")
     b = bank.assemble(requests, embedding_weight=table, backend="triton")
     assert torch.equal(a.attention_mask, b.attention_mask) and torch.equal(a.position_ids, b.position_ids)
     torch.testing.assert_close(a.inputs_embeds, b.inputs_embeds, rtol=1e-6, atol=1e-6)
-    not_ulpt = torch.tensor([not n.startswith("ulpt") for n, _ in requests])
+    not_ulpt = torch.tensor([not n.startswith("ulpt") for n, _ in requests], device=table.device)
     assert torch.equal(a.inputs_embeds[not_ulpt], b.inputs_embeds[not_ulpt])  # copies are exact
 
 

@@ -127,16 +127,26 @@ class _Reject(Exception):
         self.message = message
 
 
-@dataclass
 class Row:
     """A validated request: its sub-bank and slot, and its token ids (CPU int64)."""
 
-    index: int
-    request: Request
-    sub: SubBank
-    slot: int
-    ids: Tensor
-    new_tokens: int = 0
+    __slots__ = ("index", "request", "task", "input", "sub", "slot", "ids", "new_tokens")
+
+    def __init__(self, index: int, request: Optional[Request], task: str, input, sub: SubBank, slot: int,
+                 ids: Tensor, new_tokens: int = 0):
+        self.index, self.request, self.task, self.input = index, request, task, input
+        self.sub, self.slot, self.ids, self.new_tokens = sub, slot, ids, new_tokens
+
+    @property
+    def seed(self) -> Optional[int]:
+        return None if self.request is None else self.request.seed
+
+    @property
+    def pooled(self) -> Optional[Tensor]:
+        return None if self.request is None else self.request.pooled
+
+    def as_request(self) -> Request:
+        return self.request if self.request is not None else Request(self.task, self.input)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -179,32 +189,42 @@ def token_ids(value, tokenizer) -> Tensor:
 
 def parse(bank, requests: Sequence, *, tokenizer, vocab_size: Optional[int], max_length: Optional[int],
           new_tokens: Optional[int] = None, can_encode: Callable[[Request], Optional[str]] = None
-          ) -> Tuple[List[Row], List[RequestError]]:
-    """Validate every request; return the servable rows and one error per rejected request."""
+          ) -> Tuple[List[Row], List[RequestError], Optional[Tensor]]:
+    """Validate every request: the servable rows, one error per rejected request, and the rows'
+    concatenated token ids (or None)."""
     if isinstance(requests, (Request, dict)) or (isinstance(requests, tuple) and len(requests) == 2
                                                  and isinstance(requests[0], str)):
         raise TypeError("requests must be a list of requests, e.g. [('task', 'text'), ...], got a single request")
     rows: List[Row] = []
     errors: List[RequestError] = []
     tasks = bank._tasks
+    int64 = torch.int64
     for index, item in enumerate(requests):
         task = None
         try:
-            request = as_request(item)
-            task = request.task
+            if type(item) is tuple and len(item) == 2:  # the common case, without building a Request
+                request = None
+                task, value = item
+            else:
+                request = as_request(item)
+                task, value = request.task, request.input
             entry = tasks.get(task) if isinstance(task, str) else None
             if entry is None:
                 if not isinstance(task, str):
                     raise _Reject("unknown_task", f"the task must be a name (str), got {type(task).__name__}")
                 raise _Reject("unknown_task", f"unknown task {task!r}; the bank holds {_some_names(bank)}")
-            ids = token_ids(request.input, tokenizer)
-            n = ids.numel()
+            if type(value) is Tensor and value.dtype is int64 and value.is_cpu and value.dim() == 1:
+                ids = value
+            else:
+                ids = token_ids(value, tokenizer)
+            n = ids.shape[0]
             if n == 0:
                 raise _Reject("empty_input", "the input has no tokens")
             sub, slot = entry
             extra = 0
             if new_tokens is not None:
-                extra = request.max_new_tokens if request.max_new_tokens is not None else new_tokens
+                extra = request.max_new_tokens if request is not None and request.max_new_tokens is not None \
+                    else new_tokens
                 if isinstance(extra, bool) or not isinstance(extra, int) or extra < 1:
                     raise _Reject("bad_request", f"max_new_tokens must be a positive int, got {extra!r}")
             total = sub.num_virtual_tokens + n + extra
@@ -213,16 +233,17 @@ def parse(bank, requests: Sequence, *, tokenizer, vocab_size: Optional[int], max
                 raise _Reject("too_long", f"{sub.num_virtual_tokens} prompt rows + {n} tokens{what} = {total} "
                                           f"positions, over the limit of {max_length}")
             if sub.method == "lopa" and can_encode is not None:
-                problem = can_encode(request, sub)
+                problem = can_encode(request if request is not None else Request(task, value), sub)
                 if problem:
                     raise _Reject("no_encoder", problem)
-            rows.append(Row(index, request, sub, slot, ids, extra))
+            rows.append(Row(index, request, task, value, sub, slot, ids, extra))
         except _Reject as exc:
             errors.append(RequestError(index, task, exc.code, exc.message))
+    flat = None
     if rows and vocab_size is not None:
-        rows = _check_vocab(rows, vocab_size, errors)
+        rows, flat = _check_vocab(rows, vocab_size, errors)
     errors.sort(key=lambda e: e.index)
-    return rows, errors
+    return rows, errors, flat
 
 
 def _some_names(bank, limit: int = 5) -> str:
@@ -233,21 +254,22 @@ def _some_names(bank, limit: int = 5) -> str:
     return f"{len(bank)} tasks ({shown}{', ...' if len(bank) > limit else ''})"
 
 
-def _check_vocab(rows: List[Row], vocab_size: int, errors: List[RequestError]) -> List[Row]:
+def _check_vocab(rows: List[Row], vocab_size: int, errors: List[RequestError]):
+    """Rows whose ids are all in the vocabulary, and their concatenated ids (when all were)."""
     flat = torch.cat([r.ids for r in rows])
     lo, hi = torch.aminmax(flat)
     if int(lo) >= 0 and int(hi) < vocab_size:
-        return rows
+        return rows, flat
     kept = []
     for r in rows:
         lo, hi = torch.aminmax(r.ids)
         if int(lo) < 0 or int(hi) >= vocab_size:
             bad = int(lo) if int(lo) < 0 else int(hi)
-            errors.append(RequestError(r.index, r.request.task, "bad_token",
+            errors.append(RequestError(r.index, r.task, "bad_token",
                                        f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})"))
         else:
             kept.append(r)
-    return kept
+    return kept, None
 
 
 # ----------------------------------------------------------------------------- building
@@ -275,14 +297,14 @@ class Group:
 
 def build(rows: List[Row], *, table: Tensor, embed: Optional[Callable[[Tensor], Tensor]], pad_id: int,
           position_offset: int, pad_position: Optional[int], padding_side: str, backend: str,
-          pooled_fn: Callable[[List[Row]], Tensor]) -> ServingBatch:
+          pooled_fn: Callable[[List[Row]], Tensor], flat_ids: Optional[Tensor] = None) -> ServingBatch:
     """Assemble validated rows (see the module docstring)."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     device = table.device
     batch = len(rows)
     plen = [r.sub.num_virtual_tokens for r in rows]
-    ntok = [r.ids.shape[0] for r in rows]
+    ntok = [r.ids.shape[0] for r in rows]  # noqa
     real = [a + b for a, b in zip(plen, ntok)]
     total = max(real)
     lead = [total - t for t in real] if padding_side == "left" else [0] * batch
@@ -298,7 +320,8 @@ def build(rows: List[Row], *, table: Tensor, embed: Optional[Callable[[Tensor], 
     for g in groups.values():
         meta += g.batch_rows
         meta += g.slots
-    flat_ids = torch.cat([r.ids for r in rows])
+    if flat_ids is None:
+        flat_ids = torch.cat([r.ids for r in rows])
     packed = torch.cat([torch.tensor(meta, dtype=torch.int64), flat_ids]).to(device)
     lead_d, plen_d, ntok_d, tokoff_d = packed[:4 * batch].view(4, batch)
     at = 4 * batch
@@ -328,7 +351,7 @@ def build(rows: List[Row], *, table: Tensor, embed: Optional[Callable[[Tensor], 
                                   pad_pos)
     for g in groups.values():
         _place_prompts(out, g, lead_d, backend, rows, pooled_fn)
-    return ServingBatch(out, mask, pos, [r.index for r in rows], [r.request.task for r in rows], plen, ntok, lead)
+    return ServingBatch(out, mask, pos, [r.index for r in rows], [r.task for r in rows], plen, ntok, lead)
 
 
 def _tokens_torch(out, table, ids, lead, plen, ntok, tokoff, pad_row, position_offset, pad_pos):

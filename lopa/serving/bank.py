@@ -134,7 +134,7 @@ class PromptBank:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int (the model's embedding width), got {dim!r}")
         self.dim = dim
-        self.device = torch.device(device if device is not None else "cpu")
+        self.device = torch.empty(0, device=device if device is not None else "cpu").device  # cuda -> cuda:0
         self.dtype = dtype
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
             raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
@@ -550,8 +550,8 @@ class PromptBank:
         out: List[Optional[Tensor]] = [None] * len(rows)
         todo = []
         for i, r in enumerate(rows):
-            if r.request.pooled is not None:
-                out[i] = r.request.pooled.reshape(-1).to(device=self.device, dtype=torch.float32)
+            if r.pooled is not None:
+                out[i] = r.pooled.reshape(-1).to(device=self.device, dtype=torch.float32)
             else:
                 todo.append(i)
         if todo:
@@ -566,7 +566,7 @@ class PromptBank:
                 device = next(self.encoder.model.parameters()).device
                 vectors = self.encoder(ids.to(device), mask.to(device))
             else:
-                vectors = self.encoder.encode_texts([rows[i].request.input for i in todo])
+                vectors = self.encoder.encode_texts([rows[i].input for i in todo])
             for k, i in enumerate(todo):
                 out[i] = vectors[k].to(device=self.device, dtype=torch.float32)
         return torch.stack(out)
@@ -577,7 +577,7 @@ class PromptBank:
                      new_tokens=new_tokens, can_encode=self._can_encode)
 
     def _build(self, rows: List[Row], table, embed, padding_side: str, backend: Optional[str],
-               errors: List[RequestError]) -> Optional[ServingBatch]:
+               errors: List[RequestError], flat_ids: Optional[Tensor] = None) -> Optional[ServingBatch]:
         if not rows:
             return None
         pad = self.pad_token_id if self.pad_token_id is not None else 0
@@ -587,7 +587,8 @@ class PromptBank:
         with torch.no_grad():
             batch = build(rows, table=table, embed=embed, pad_id=pad, position_offset=offset,
                           pad_position=pad_position, padding_side=padding_side,
-                          backend=resolve_backend(backend or self.backend, self.device), pooled_fn=self._pooled)
+                          backend=resolve_backend(backend or self.backend, self.device), pooled_fn=self._pooled,
+                          flat_ids=flat_ids)
         batch.errors = errors
         return batch
 
@@ -610,8 +611,8 @@ class PromptBank:
             request the tensors have ``B = 0``.
         """
         table, embed = self._table(embedding_weight)
-        rows, errors = self._parse(requests, table, max_length=max_length)
-        batch = self._build(rows, table, embed, padding_side, backend, errors)
+        rows, errors, flat = self._parse(requests, table, max_length=max_length)
+        batch = self._build(rows, table, embed, padding_side, backend, errors, flat)
         if batch is None:
             empty = torch.empty(0, 0, dtype=torch.int64, device=self.device)
             batch = ServingBatch(torch.empty(0, 0, self.dim, dtype=table.dtype, device=self.device), empty, empty,

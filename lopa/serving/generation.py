@@ -153,7 +153,7 @@ def generate(bank, requests: Sequence, *, max_new_tokens: int = 32, do_sample: b
         raise ValueError(f"{type(model).__name__} is not a causal LM")
     _check_args(max_new_tokens, temperature, top_k, top_p, seed, max_batch_size)
     table, embed = bank._table(None)
-    rows, errors = bank._parse(requests, table, new_tokens=max_new_tokens)
+    rows, errors, _ = bank._parse(requests, table, new_tokens=max_new_tokens)
     results: List[Optional[Completion]] = [None] * (len(rows) + len(errors))
     for e in errors:
         results[e.index] = Completion(e.index, e.task, [], None, None, e)
@@ -180,7 +180,7 @@ def generate(bank, requests: Sequence, *, max_new_tokens: int = 32, do_sample: b
                 text = None
                 if bank.tokenizer is not None:
                     text = bank.tokenizer.decode(out, skip_special_tokens=True)
-                results[r.index] = Completion(r.index, r.request.task, out, text, reason)
+                results[r.index] = Completion(r.index, r.task, out, text, reason)
     finally:
         model.train(was_training)
     return results
@@ -194,9 +194,9 @@ def _cache_of(out):
 def request_seed(row: Row, seed: int) -> int:
     """The request's own ``seed``, else one derived from the call's ``seed`` and the request's
     content (task and token ids): identical requests sample alike, different ones independently."""
-    if row.request.seed is not None:
-        return int(row.request.seed)
-    content = zlib.crc32(row.ids.numpy().tobytes(), zlib.crc32(str(row.request.task).encode()))
+    if row.seed is not None:
+        return int(row.seed)
+    content = zlib.crc32(row.ids.numpy().tobytes(), zlib.crc32(str(row.task).encode()))
     return (int(seed) & ((1 << 64) - 1)) ^ (content << 32)
 
 
