@@ -1,5 +1,4 @@
 """PromptBank: storage (add / replace / remove / load / memory) and the mixed-batch assembly."""
-import math
 import random
 
 import pytest

@@ -1,5 +1,4 @@
 """PromptBank.generate: a mixed batch equals each request served alone (greedy and seeded sampling)."""
-import math
 
 import pytest
 import torch
