@@ -151,11 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=20, help="timed repetitions per backend (default 20)")
 
     main = sub.add_parser("main", help="the default comparison job (README): SmolLM2 + polarity, 5 methods",
-                          formatter_class=_Formatter)
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          description="Zero-shot, then PT, ULPT r=2, ULPT r=64 and LoPA r=4 on SmolLM2-135M-Instruct "
+                                      "and Pang & Lee sentence polarity; prints a table and writes "
+                                      "results.{json,md,png}. Flags override the embedded defaults.")
     _add_compare_args(main, preset="main")
 
     compare = sub.add_parser("compare", help="compare methods (and seeds) on one model and data set",
-                             formatter_class=_Formatter)
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     compare.add_argument("--preset", choices=("main", "full"), default="full", help="starting settings")
     _add_compare_args(compare, preset=None)
 
@@ -193,23 +196,35 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_compare_args(p: argparse.ArgumentParser, preset: Optional[str]) -> None:
     from lopa.training.compare import PRESETS
 
-    base = PRESETS[preset or "full"]
-    where = f" (default from the {preset} preset)" if preset else " (default: from --preset)"
+    def default(key):
+        if preset is None:
+            main_v, full_v = PRESETS["main"][key], PRESETS["full"][key]
+            show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else ("all" if v is None else v)  # noqa: E731
+            return f" (preset main: {show(main_v)}; full: {show(full_v)})"
+        value = PRESETS[preset][key]
+        value = ",".join(map(str, value)) if isinstance(value, list) else ("all" if value is None else value)
+        return f" (default: {value})"
+
     _add_common(p)
-    p.add_argument("--model", default=None, help="frozen causal LM" + where)
-    p.add_argument("--dataset", default=None, help="data set" + where)
+    p._option_string_actions["--threads"].help = (
+        "torch CPU threads (default 1: on a shared 2-core machine one thread was 8x faster than two)")
+    p.add_argument("--model", default=None, help="frozen causal LM" + default("model"))
+    p.add_argument("--dataset", default=None, help="data set" + default("dataset"))
     p.add_argument("--methods", default=None,
-                   help="comma-separated, rank after ':', e.g. 'zero-shot,pt,ulpt:2,lopa:4'" + where)
-    p.add_argument("--seeds", default=None, help="comma-separated seeds" + where)
-    p.add_argument("--steps", type=_positive_int, default=None, dest="max_steps", help="steps per method" + where)
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size" + where)
-    p.add_argument("--eval-every", type=_positive_int, default=None, help="validate every N steps" + where)
-    p.add_argument("--prompt-length", type=_positive_int, default=None, dest="num_tokens", help="prompt tokens" + where)
-    p.add_argument("--max-train-examples", type=_nonneg_int, default=None, help="training rows (0 = all)" + where)
-    p.add_argument("--max-eval-examples", type=_nonneg_int, default=None, help="validation rows" + where)
-    p.add_argument("--max-test-examples", type=_nonneg_int, default=None, help="test rows" + where)
-    p.add_argument("--output-dir", default=None, help="output folder" + where)
-    p.set_defaults(_preset_values=base)
+                   help="comma-separated, rank after ':'" + default("methods"))
+    p.add_argument("--seeds", default=None, help="comma-separated seeds" + default("seeds"))
+    p.add_argument("--steps", type=_positive_int, default=None, dest="max_steps", help="steps per method" + default("max_steps"))
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size" + default("batch_size"))
+    p.add_argument("--eval-every", type=_positive_int, default=None, help="validate every N steps" + default("eval_every"))
+    p.add_argument("--prompt-length", type=_positive_int, default=None, dest="num_tokens",
+                   help="prompt tokens" + default("num_tokens"))
+    p.add_argument("--max-train-examples", type=_nonneg_int, default=None,
+                   help="training rows, 0 = all" + default("max_train_examples"))
+    p.add_argument("--max-eval-examples", type=_nonneg_int, default=None,
+                   help="validation rows" + default("max_eval_examples"))
+    p.add_argument("--max-test-examples", type=_nonneg_int, default=None,
+                   help="test rows, 0 = all" + default("max_test_examples"))
+    p.add_argument("--output-dir", default=None, help="output folder" + default("output_dir"))
 
 
 # --------------------------------------------------------------------------- config files
