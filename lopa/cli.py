@@ -225,6 +225,9 @@ def _add_compare_args(p: argparse.ArgumentParser, preset: Optional[str]) -> None
     p.add_argument("--max-test-examples", type=_nonneg_int, default=None,
                    help="test rows, 0 = all" + default("max_test_examples"))
     p.add_argument("--output-dir", default=None, help="output folder" + default("output_dir"))
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rebuild the table and plot from every */result.json in --output-dir "
+                        "(e.g. after runs with other --seeds into the same folder)")
 
 
 # --------------------------------------------------------------------------- config files
@@ -421,6 +424,11 @@ def cmd_compare(args, preset: str) -> int:
             job["seeds"] = [int(s) for s in str(args.seeds).split(",") if s.strip()]
         except ValueError:
             raise SystemExit(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    if args.report_only:
+        from lopa.training.compare import report_only
+
+        report_only(job["output_dir"], {"output_dir": job["output_dir"]})
+        return 0
     run_comparison(job, progress=args.progress, threads=args.threads)
     return 0
 

@@ -103,7 +103,7 @@ def table_markdown(rows: List[dict], *, batch_size: int) -> str:
         acc = f"{100 * r['accuracy']:.1f}"
         if r["seeds"] > 1:
             acc += f" ± {100 * r['accuracy_std']:.1f}"
-        share = f"{100 * r['params'] / pt['params']:.1f}" if pt and r["params"] else "—"
+        share = f"{100 * r['params'] / pt['params']:,.1f}" if pt and r["params"] else "—"
         step = f"{r['step_time']:.2f}" if r["step_time"] is not None else "—"
         peak = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "—"
         lines.append(f"| {r['name']} | {acc} | {_fmt_params(r['params'])} | {share} | {step} | {peak} |")
@@ -135,6 +135,7 @@ def plot(rows: List[dict], path: Path, title: str) -> Optional[Path]:
         ax.text(ax.get_xlim()[0] if ax.lines else 1, 100 * zero["accuracy"], "  zero-shot", va="bottom", color="gray",
                 fontsize=9)
     ax.set_xscale("log")
+    ax.margins(x=0.2, y=0.15)
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
@@ -226,15 +227,24 @@ def run_comparison(job: dict, *, progress: bool = True, threads: Optional[int] =
                 if pooled is not None:
                     pooled.lm = lm
             del model
+    n_test, n_train = len(plain.splits["test"]), len(plain.splits["train"])
+    return write_report(out, job, results, train_examples=n_train, test_examples=n_test,
+                        elapsed=time.time() - started)
+
+
+def write_report(out: Path, job: dict, results: List[dict], *, train_examples: int, test_examples: int,
+                 elapsed: Optional[float] = None) -> dict:
+    """Table, plot and ``results.json`` / ``results.md`` from the per-run records."""
     rows = summarize(results)
+    order = {name: i for i, name in enumerate(label(*parse_method(m)) for m in job["methods"])}
+    rows.sort(key=lambda r: order.get(r["name"], len(order)))
+    seeds = sorted({r["seed"] for r in results})
     table = table_markdown(rows, batch_size=job["batch_size"])
-    n_test = len(plain.splits["test"])
-    title = (f"{job['model']} on {job['dataset']}: {len(plain.splits['train'])} train / {n_test} test, "
-             f"{job['max_steps']} steps × {job['batch_size']}, seeds {job['seeds']}")
+    title = (f"{job['model']} on {job['dataset']}: {train_examples} train / {test_examples} test, "
+             f"{job['max_steps']} steps × {job['batch_size']}, seeds {seeds}")
     png = plot(rows, out / "results.png", title)
-    elapsed = time.time() - started
     report = {"job": job, "rows": rows, "results": results, "table": table, "plot": str(png) if png else None,
-              "test_examples": n_test, "train_examples": len(plain.splits["train"]), "elapsed_s": elapsed,
+              "test_examples": test_examples, "train_examples": train_examples, "elapsed_s": elapsed,
               "torch_threads": torch.get_num_threads()}
     ckpt.atomic_write_text(out / "results.json", json.dumps(report, indent=2) + "\n")
     ckpt.atomic_write_text(out / "results.md", f"{title}\n\n{table}\n")
@@ -242,5 +252,26 @@ def run_comparison(job: dict, *, progress: bool = True, threads: Optional[int] =
     print(title)
     print(table)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (f", {png}" if png else "")
-          + f" in {elapsed / 60:.1f} min")
+          + (f" in {elapsed / 60:.1f} min" if elapsed is not None else ""))
     return report
+
+
+def report_only(out_dir, job: Optional[dict] = None) -> dict:
+    """Rebuild the table and plot from every ``*/result.json`` under ``out_dir`` (all seeds, all runs)."""
+    out = Path(out_dir)
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
+    if not results:
+        raise FileNotFoundError(f"{out} has no */result.json: run the comparison first")
+    saved = json.loads((out / "job.json").read_text()) if (out / "job.json").exists() else {}
+    job = dict(saved, **(job or {}))
+    names = {r["name"] for r in results}
+    known = [m for m in job.get("methods", []) if label(*parse_method(m)) in names]
+    extra = sorted({(r["method"], r["rank"]) for r in results if r["name"] not in {label(*parse_method(m)) for m in known}},
+                   key=str)
+    job["methods"] = known + [f"{m}:{k}" if k is not None else m for m, k in extra]
+    from lopa.training.data import load_splits
+
+    limits = {"test": job.get("max_test_examples"), "train": job.get("max_train_examples")}
+    ds, _ = load_splits(job["dataset"])
+    sizes = {k: len(ds[k]) if not v else min(v, len(ds[k])) for k, v in limits.items()}
+    return write_report(out, job, results, train_examples=sizes["train"], test_examples=sizes["test"])

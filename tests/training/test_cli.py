@@ -147,3 +147,27 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_assets, tmp_path):
     a = ckpt.load(tmp_path / "full" / "best.pt")["trainable"]
     b = ckpt.load(tmp_path / "killed" / "best.pt")["trainable"]
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_compare_report_only_merges_seeds(tiny_assets, tmp_path, capsys):
+    from lopa.training.compare import MAIN_JOB
+
+    out = tmp_path / "cmp"
+    job = dict(MAIN_JOB, dataset=tiny_assets["data"], methods=["zero-shot", "pt", "ulpt:2"], output_dir=str(out))
+    (out).mkdir()
+    (out / "job.json").write_text(json.dumps(job))
+    runs = [("zero-shot", None, 0, 0.60, 0), ("PT", "pt", 0, 0.70, 5760), ("PT", "pt", 1, 0.80, 5760),
+            ("ULPT r=2", "ulpt", 0, 0.65, 1172)]
+    for name, method, seed, acc, params in runs:
+        d = out / f"{name.replace(' ', '_')}-seed{seed}"
+        d.mkdir()
+        (d / "result.json").write_text(json.dumps({
+            "name": name, "method": method or "zero-shot", "rank": 2 if method == "ulpt" else None, "seed": seed,
+            "trainable_params": params, "test": {"accuracy": acc}, "median_step_time": 1.0, "peak_rss_mb": 900.0}))
+    assert main(["compare", "--report-only", "--output-dir", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| PT | 75.0 ± 7.1 | 5.8 K | 100.0 |" in table
+    assert "| ULPT r=2 | 65.0 | 1.2 K | 20.3 |" in table
+    assert (out / "results.png").stat().st_size > 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["zero-shot", "PT", "ULPT r=2"]
