@@ -13,9 +13,10 @@ from setuptools import setup
 
 
 def _cpu_flags():
-    # at::vec picks its AVX2 kernels only when CPU_CAPABILITY_AVX2 is defined at compile time.
+    # at::vec picks its AVX2 kernels only when CPU_CAPABILITY_AVX2 is defined at compile time;
+    # its half/bfloat16 conversions need F16C too (ATen builds its AVX2 kernels the same way).
     if platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("LOPA_NO_AVX2") != "1":
-        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"]
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
     return []
 
 
