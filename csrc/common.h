@@ -232,10 +232,11 @@ inline void pack_tile(const scalar_t* src, int64_t row_stride, int64_t col_strid
 }
 
 // ----------------------------------------------------------------------------- vector math
-// exp(x) for float and |x| <= 88, inlined: Cephes' expf (x = n ln2 + f with ln2 split in
-// two, a degree-5 polynomial for e^f, 2^n built in the exponent bits), within ~2 ulp of
-// expf.  The sigmoid is the bottleneck of the gate, and an out-of-line Sleef call per vector
-// costs about twice as much on AVX2.  NaN stays NaN.
+// exp(x) for float and -88 <= x <= 89, inlined: Cephes' expf (x = n ln2 + f with ln2 split
+// in two, a degree-5 polynomial for e^f, 2^n built in the exponent bits), within ~2 ulp of
+// expf; from x = 88.38 on, 2^n (n = 128) is +inf, like expf's overflow.  The sigmoid is the
+// bottleneck of the gate, and an out-of-line Sleef call per vector costs about twice as
+// much on AVX2.  NaN stays NaN.
 inline at::vec::Vectorized<float> exp_float_in_range(const at::vec::Vectorized<float>& x) {
   using Vec = at::vec::Vectorized<float>;
   using IVec = at::vec::Vectorized<int32_t>;
@@ -261,12 +262,12 @@ inline at::vec::Vectorized<T> sigmoid(const at::vec::Vectorized<T>& x) {
   return Vec(T(1)) / (Vec(T(1)) + x.neg().exp());
 }
 
-// float: x is clamped to [-88, 88] first (clamp keeps NaN), where the sigmoid is already 0
-// or 1 to within 6e-39, so exp needs no overflow handling.
+// float: x is clamped to [-89, 88] first (clamp keeps NaN), the range exp_float_in_range
+// handles; the sigmoid is exactly 0 below -88.38 (exp overflows) and 1 above 87.4.
 template <>
 inline at::vec::Vectorized<float> sigmoid<float>(const at::vec::Vectorized<float>& x) {
   using Vec = at::vec::Vectorized<float>;
-  const Vec clamped = at::vec::clamp(x, Vec(-88.0f), Vec(88.0f));
+  const Vec clamped = at::vec::clamp(x, Vec(-89.0f), Vec(88.0f));
   return Vec(1.0f) / (Vec(1.0f) + exp_float_in_range(clamped.neg()));
 }
 

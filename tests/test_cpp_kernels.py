@@ -118,6 +118,22 @@ def test_poison_flag_round_trip():
     assert not ext.poison_outputs_enabled()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_gate_saturates_and_propagates_nan(ops, dtype):
+    """Extreme pre-activations give exactly 0 / 1 (the float path clamps its exp argument)."""
+    pre = torch.tensor([float("-inf"), -1e30, -104.0, -88.5, -20.0, -1e-3, 0.0, 3.0, 88.5, 1e30, float("inf"),
+                        float("nan")], dtype=torch.float64)
+    d = pre.numel()
+    zs = torch.ones(1, 1, d, dtype=dtype)
+    u = torch.ones(1, 1, 1, dtype=dtype)
+    v = pre.to(dtype).view(1, 1, d)
+    out = ops.gated_prompt_fwd(zs, u, v, None).double().flatten()
+    want = torch.sigmoid(pre.to(dtype).double())
+    assert torch.isnan(out[-1])
+    torch.testing.assert_close(out[:-1], want[:-1], rtol=1e-6 if dtype != torch.bfloat16 else 1e-2, atol=1e-30)
+    assert out[0] == 0 and out[1] == 0 and out[-2] == 1 and out[-3] == 1
+
+
 # ----------------------------------------------------------------------------- large shapes
 # B = 37 rows make several batch chunks (8 rows each) with a partial last chunk; d = 2100
 # makes several column blocks with a ragged last block; the bank has repeated, interleaved
