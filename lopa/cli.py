@@ -427,7 +427,10 @@ def cmd_compare(args, preset: str) -> int:
     if args.report_only:
         from lopa.training.compare import report_only
 
-        report_only(job["output_dir"], {"output_dir": job["output_dir"]})
+        override = {"output_dir": job["output_dir"]}
+        if args.methods:  # the table's row order
+            override["methods"] = job["methods"]
+        report_only(job["output_dir"], override)
         return 0
     run_comparison(job, progress=args.progress, threads=args.threads)
     return 0

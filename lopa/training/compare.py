@@ -132,12 +132,12 @@ def plot(rows: List[dict], path: Path, title: str) -> Optional[Path]:
                     fontsize=9)
     if zero is not None:
         ax.axhline(100 * zero["accuracy"], color="gray", linestyle="--", linewidth=1)
-        ax.text(ax.get_xlim()[0] if ax.lines else 1, 100 * zero["accuracy"], "  zero-shot", va="bottom", color="gray",
-                fontsize=9)
+        ax.text(0.01, 100 * zero["accuracy"], " zero-shot", transform=ax.get_yaxis_transform(), va="bottom",
+                color="gray", fontsize=9)
     ax.set_xscale("log")
     ax.margins(x=0.2, y=0.15)
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
