@@ -205,6 +205,9 @@ def run_comparison(job: dict, *, progress: bool = True, threads: Optional[int] =
                                      warmup_steps=job.get("warmup_steps"), eval_every=job["eval_every"],
                                      save_every=job["eval_every"], seed=seed, progress=progress)
                 record["lr"] = config.lr
+                run_dir.mkdir(parents=True, exist_ok=True)  # `lopa eval/generate --run` read run.json
+                ckpt.atomic_write_text(run_dir / "run.json", json.dumps({"spec": asdict(spec), "train": asdict(config)},
+                                                                         indent=2) + "\n")
                 record["rss_before_mb"] = rss_mb()
                 trainer = Trainer(model, prepared.task, prepared.splits["train"], prepared.splits["validation"],
                                   config, run_info={"spec": asdict(spec)})
