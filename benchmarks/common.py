@@ -92,6 +92,9 @@ def providers_for(device: torch.device) -> List[str]:
 @functools.lru_cache(maxsize=None)
 def _compiled(op: str):
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    # The "bwd" mode replays one backward with retain_graph=True, which donated buffers forbid.
+    if hasattr(torch._functorch.config, "donated_buffer"):
+        torch._functorch.config.donated_buffer = False
     fn = _reference_gated if op == "lopa_gate" else _reference_ulpt
     return torch.compile(fn, dynamic=False)
 
@@ -168,12 +171,15 @@ def _sync(device: torch.device):
         torch.cuda.synchronize()
 
 
-def time_ms(run: Callable, device: torch.device, min_time_s: float = 0.2, max_reps: int = 200) -> Dict[str, float]:
+def time_ms(run: Callable, device: torch.device, min_time_s: float = 0.2, max_reps: int = 200,
+            graph: bool = True) -> Dict[str, float]:
     """Median and spread of ``run`` in milliseconds.
 
     On CUDA ``median_ms`` is the device time of one call replayed from a CUDA graph (launch
     and Python dispatch gaps removed: what the kernels cost inside a captured or compiled
     step) and ``call_ms`` the eager call, overhead included.  On the CPU both are the call.
+    ``graph=False`` skips the graph: a training step with an optimizer is timed as the
+    eager call it is.
     """
     if device.type == "cuda":
         import triton.testing
@@ -181,6 +187,9 @@ def time_ms(run: Callable, device: torch.device, min_time_s: float = 0.2, max_re
         run()
         torch.cuda.synchronize()
         call = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+        if not graph:
+            q20, median, q80 = triton.testing.do_bench(run, warmup=5, rep=100, quantiles=[0.2, 0.5, 0.8])
+            return {"median_ms": median, "p20_ms": q20, "p80_ms": q80, "call_ms": call}
         try:
             q20, median, q80 = triton.testing.do_bench_cudagraph(run, rep=100, quantiles=[0.2, 0.5, 0.8])
         except Exception:  # not capturable: report the eager call
@@ -232,14 +241,25 @@ def peak_bytes(run: Callable, device: torch.device) -> int:
     return int(peak)
 
 
-def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Device-to-device (or RAM-to-RAM) copy bandwidth, counting bytes read plus written."""
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30, min_time_s: float = 0.5) -> float:
+    """Device-to-device (or RAM-to-RAM) copy bandwidth, counting bytes read plus written.
+
+    The default 1 GiB copy is the machine's streaming limit.  A kernel moving a few MiB
+    cannot reach it (launch and tail effects, caches): :func:`same_size_copy_gbs` is the
+    fairer bar for such a kernel, a copy that moves as many bytes as it does.
+    """
     if device.type == "cpu":
         nbytes = min(nbytes, 256 << 20)
-    src = torch.randn(nbytes // 4, device=device)
+    src = torch.randn(max(nbytes // 8, 1), device=device)  # read nbytes/2, write nbytes/2
     dst = torch.empty_like(src)
-    t = time_ms(lambda: dst.copy_(src), device, min_time_s=0.5)["median_ms"]
-    return 2 * nbytes / (t * 1e-3) / 1e9
+    t = time_ms(lambda: dst.copy_(src), device, min_time_s=min_time_s)["median_ms"]
+    return 2 * src.numel() * 4 / (t * 1e-3) / 1e9
+
+
+def same_size_copy_gbs(device: torch.device, nbytes: float) -> float:
+    """Copy bandwidth of a copy that reads and writes ``nbytes`` in total."""
+    return copy_bandwidth_gbs(device, int(nbytes), min_time_s=0.1)
 
 
 def machine_info(device: torch.device) -> Dict[str, str]:

@@ -86,7 +86,8 @@ def run_method(base, method: str, batch: int, length: int, num_tokens: int, devi
         with torch.no_grad():
             pooled = model.instance_vectors(ids, mask)
         kwargs["pooled"] = pooled
-        encoder_ms = time_ms(lambda: model.instance_vectors(ids, mask), device, min_time_s=steps_s / 2, max_reps=10)["median_ms"]
+        encoder_ms = time_ms(lambda: model.instance_vectors(ids, mask), device, min_time_s=steps_s / 2, max_reps=10,
+                             graph=False)["median_ms"]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
 
@@ -97,14 +98,14 @@ def run_method(base, method: str, batch: int, length: int, num_tokens: int, devi
         optimizer.step()
         return loss.detach()
 
-    timing = time_ms(step, device, min_time_s=steps_s, max_reps=30)
+    timing = time_ms(step, device, min_time_s=steps_s, max_reps=30, graph=False)
     peak = peak_bytes(step, device)
     prompt_ms = float("nan")
     if method != "peft-pt":
         def build():
             asm = model.build_inputs(ids, mask, pooled=kwargs.get("pooled"))
             asm.inputs_embeds.float().sum().backward()
-        prompt_ms = time_ms(build, device, min_time_s=steps_s / 2, max_reps=30)["median_ms"]
+        prompt_ms = time_ms(build, device, min_time_s=steps_s / 2, max_reps=30, graph=False)["median_ms"]
     trainable = sum(p.numel() for p in params)
     if hasattr(model, "unload"):  # PEFT: leave the base model as it was for the next method
         model.unload()

@@ -30,21 +30,24 @@ from common import (  # noqa: E402
     op_function,
     peak_bytes,
     providers_for,
+    same_size_copy_gbs,
     time_ms,
 )
 
 HEADLINE = [GatedShape(32, 32, 4, 2048), UlptShape(100, 2, 2048)]
+# Large enough to stream from HBM rather than be launch-bound: where "% of copy" is fair.
+GPU_STREAMING = [GatedShape(256, 64, 4, 4096), GatedShape(1024, 32, 8, 4096), UlptShape(100, 64, 4096, B=256)]
 
 
 def sweep_shapes(device: torch.device, quick: bool) -> List:
     if quick:
-        return list(HEADLINE)
+        return list(HEADLINE) + (GPU_STREAMING[:1] if device.type == "cuda" else [])
     shapes = [GatedShape(32, 32, 4, d) for d in (576, 2048, 4096)]
     shapes += [GatedShape(32, 32, r, 2048) for r in (1, 16, 64)]
     shapes += [UlptShape(100, r, d) for d in (576, 2048, 4096) for r in (2, 64)]
     shapes += [UlptShape(100, r, 2048) for r in (16, 256)]
-    if device.type == "cuda":  # large enough to stream from HBM rather than launch-bound
-        shapes += [GatedShape(256, 64, 4, 4096), GatedShape(1024, 32, 8, 4096), UlptShape(100, 64, 4096, B=256)]
+    if device.type == "cuda":
+        shapes += GPU_STREAMING
     return shapes
 
 
@@ -65,7 +68,9 @@ def measure(shape, provider: str, mode: str, dtype: torch.dtype, device: torch.d
     return timing
 
 
-def run_sweep(device: torch.device, dtypes: List[str], quick: bool, providers: List[str], log=print) -> List[Dict]:
+def run_sweep(device: torch.device, dtypes: List[str], quick: bool, providers: List[str], log=print,
+              save=None) -> List[Dict]:
+    """Every (dtype, shape, mode, provider); ``save(rows)`` after each shape keeps partial results."""
     info = machine_info(device)
     copy_gbs = copy_bandwidth_gbs(device)
     log(f"device {info['device']} ({info['cpu']}), copy bandwidth {copy_gbs:.1f} GB/s")
@@ -76,6 +81,7 @@ def run_sweep(device: torch.device, dtypes: List[str], quick: bool, providers: L
             done: Dict[str, Dict[str, Dict[str, float]]] = {p: {} for p in providers}
             for mode in ("fwd", "fwd+bwd", "bwd"):
                 model = bytes_and_flops(shape, mode, dtype)
+                same_gbs = same_size_copy_gbs(device, model["bytes"])
                 for provider in providers:
                     try:
                         result = measure(shape, provider, mode, dtype, device, done[provider])
@@ -88,18 +94,21 @@ def run_sweep(device: torch.device, dtypes: List[str], quick: bool, providers: L
                         "op": shape.op, "provider": provider, "mode": mode, "dtype": dtype_name,
                         "shape": shape.label(), "derived": 0.0, **result, **model,
                         "achieved_GBps": gbs, "copy_GBps": copy_gbs, "pct_of_copy": 100 * gbs / copy_gbs,
+                        "same_size_copy_GBps": same_gbs, "pct_of_same_size_copy": 100 * gbs / same_gbs,
                         "GFLOPs": model["flops"] / (result["median_ms"] * 1e-3) / 1e9, **info,
                     }
                     rows.append(row)
                     log(f"  {shape.op:9} {shape.label():28} {mode:8} {dtype_name:9} {provider:10} "
                         f"{result['median_ms']:9.4f} ms  {gbs:8.1f} GB/s  peak {result['peak_mem_bytes'] / 2**20:8.2f} MiB")
+            if save is not None and rows:
+                save(rows)
     return rows
 
 
 def write_csv(rows: List[Dict], path: str) -> None:
     """Long format: one row per (op, provider, mode, dtype, shape, metric)."""
     metrics = ["median_ms", "p20_ms", "p80_ms", "call_ms", "derived", "peak_mem_bytes", "bytes", "flops", "achieved_GBps",
-               "copy_GBps", "pct_of_copy", "GFLOPs"]
+               "copy_GBps", "pct_of_copy", "same_size_copy_GBps", "pct_of_same_size_copy", "GFLOPs"]
     keys = ["op", "provider", "mode", "dtype", "shape"]
     context = ["device", "machine", "cpu", "cpu_threads", "torch", "triton", "lopa"]
     with open(path, "w", newline="") as f:
@@ -121,7 +130,7 @@ def markdown_table(rows: List[Dict]) -> str:
     gpu = any(g[p]["device"] != "cpu" for g in groups.values() for p in g)
     if gpu:
         head.append("fused eager-call ms")
-    head += ["fused vs eager", "peak MiB eager → fused", "fused GB/s (% of copy)"]
+    head += ["fused vs eager", "peak MiB eager → fused", "fused GB/s (% of copy)", "% of same-size copy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (op, shape, dtype, mode), by in groups.items():
         cells = [op, shape, dtype, mode] + [f"{by[p]['median_ms']:.4f}" if p in by else "—" for p in providers]
@@ -133,8 +142,9 @@ def markdown_table(rows: List[Dict]) -> str:
             cells.append(f"{ref['median_ms'] / f['median_ms']:.2f}×")
             cells.append(f"{ref['peak_mem_bytes'] / 2**20:.2f} → {f['peak_mem_bytes'] / 2**20:.2f}")
             cells.append(f"{f['achieved_GBps']:.0f} ({f['pct_of_copy']:.0f} %)")
+            cells.append(f"{f['pct_of_same_size_copy']:.0f} %")
         else:
-            cells += ["—", "—", "—"]
+            cells += ["—", "—", "—", "—"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -177,17 +187,20 @@ def main(argv=None) -> int:
     device = default_device()
     providers = args.providers.split(",") if args.providers else providers_for(device)
     os.makedirs(args.out, exist_ok=True)
-    rows = run_sweep(device, args.dtypes.split(","), args.quick, providers)
-    write_csv(rows, os.path.join(args.out, "kernels.csv"))
-    table = markdown_table(rows)
-    with open(os.path.join(args.out, "kernels.md"), "w") as f:
+    rows = run_sweep(device, args.dtypes.split(","), args.quick, providers, save=lambda rows: save(rows, args.out, device))
+    save(rows, args.out, device)
+    plot(rows, os.path.join(args.out, "kernels.png"))
+    print(markdown_table(rows))
+    return 0
+
+
+def save(rows: List[Dict], out: str, device: torch.device) -> None:
+    write_csv(rows, os.path.join(out, "kernels.csv"))
+    with open(os.path.join(out, "kernels.md"), "w") as f:
         info = machine_info(device)
         f.write(f"Device: {info['device']} — CPU: {info['cpu']} ({info['cpu_threads']} threads) — "
                 f"torch {info['torch']}, triton {info['triton']}; copy bandwidth {rows[0]['copy_GBps']:.0f} GB/s\n\n")
-        f.write(table + "\n")
-    plot(rows, os.path.join(args.out, "kernels.png"))
-    print(table)
-    return 0
+        f.write(markdown_table(rows) + "\n")
 
 
 if __name__ == "__main__":
