@@ -251,7 +251,9 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30, min_time_s: 
     """
     if device.type == "cpu":
         nbytes = min(nbytes, 256 << 20)
-    src = torch.randn(max(nbytes // 8, 1), device=device)  # read nbytes/2, write nbytes/2
+    # arange, not randn: a failed CUDA-graph capture earlier can leave the CUDA generator
+    # unusable outside capture; copy speed does not depend on the values (they are not zeros).
+    src = torch.arange(max(nbytes // 8, 1), device=device, dtype=torch.float32)  # read nbytes/2, write nbytes/2
     dst = torch.empty_like(src)
     t = time_ms(lambda: dst.copy_(src), device, min_time_s=min_time_s)["median_ms"]
     return 2 * src.numel() * 4 / (t * 1e-3) / 1e9

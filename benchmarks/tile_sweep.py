@@ -38,13 +38,14 @@ def check_and_time(shape: GatedShape, dtype: torch.dtype, config) -> dict:
     gated_prompt.tiles_for = lambda M, D, R: tiles
     try:
         zs, u, v = (t.detach() for t in make_inputs(shape, dtype, torch.device("cuda"), seed=7))
+        bank = zs[None]  # the host code takes a (T, m, d) bank
         ref = lopa.gated_lowrank_prompt(zs.double(), u.double(), v.double(), backend="reference")
         torch.cuda.synchronize()
         with poisoned_outputs():
             out = lopa.gated_lowrank_prompt(zs, u, v, backend="triton")
         err = ((out.double() - ref).norm() / ref.norm()).item()
         unwritten = int(torch.isnan(out).sum())
-        ms = triton.testing.do_bench_cudagraph(lambda: gated_prompt.gated_prompt_fwd(zs, u, v, None),
+        ms = triton.testing.do_bench_cudagraph(lambda: gated_prompt._forward(bank, u, v, None),
                                                rep=100, return_mode="median")
     finally:
         gated_prompt.tiles_for = _shared.tiles_for
