@@ -114,7 +114,13 @@ def run_method(base, method: str, batch: int, length: int, num_tokens: int, devi
             "prompt_build_ms": prompt_ms, "encoder_ms": encoder_ms, "trainable_params": trainable}
 
 
-def run(out: str, quick: bool, device: torch.device) -> List[Dict]:
+def median_row(runs: List[Dict]) -> Dict:
+    """Per metric, the median over rounds (the round whose step time is the median)."""
+    runs = sorted(runs, key=lambda r: r["step_ms"])
+    return dict(runs[(len(runs) - 1) // 2])
+
+
+def run(out: str, quick: bool, device: torch.device, rounds: int = 1) -> List[Dict]:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     batch, length, num_tokens = (4, 64, 10) if device.type == "cpu" else (16, 256, 10)
     steps_s = 1.0 if quick else 3.0
@@ -130,17 +136,25 @@ def run(out: str, quick: bool, device: torch.device) -> List[Dict]:
             continue
         for p in base.parameters():
             p.requires_grad_(False)
-        for method in METHODS:
-            try:
-                row = run_method(base, method, batch, length, num_tokens, device, steps_s)
-            except ImportError as exc:
-                print(f"{name} {method}: skipped ({exc})")
-                continue
+        per_method: Dict[str, List[Dict]] = {}
+        # Methods take turns, round after round, so that drift of the machine over the run
+        # (clocks, caches, other load) lands on every method alike.
+        for round_ in range(rounds):
+            for method in METHODS:
+                try:
+                    row = run_method(base, method, batch, length, num_tokens, device, steps_s)
+                except ImportError as exc:
+                    print(f"{name} {method}: skipped ({exc})")
+                    continue
+                per_method.setdefault(method, []).append(row)
+                print(f"{name:38} {method:9} round {round_} step {row['step_ms']:9.2f} ms  "
+                      f"peak {row['peak_mem_bytes'] / 2**20:9.1f} MiB  prompt {row['prompt_build_ms']:8.3f} ms  "
+                      f"params {row['trainable_params']}", flush=True)
+        for method, runs in per_method.items():
+            row = median_row(runs)
             row.update(model=name, dtype=str(dtype).replace("torch.", ""), batch=batch, seq_len=length,
-                       num_tokens=num_tokens, **info)
+                       num_tokens=num_tokens, rounds=len(runs), **info)
             rows.append(row)
-            print(f"{name:38} {method:9} step {row['step_ms']:9.2f} ms  peak {row['peak_mem_bytes'] / 2**20:9.1f} MiB  "
-                  f"prompt {row['prompt_build_ms']:8.3f} ms  params {row['trainable_params']}")
         del base
     os.makedirs(out, exist_ok=True)
     if rows:
@@ -177,8 +191,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/bench")
     parser.add_argument("--quick", action="store_true", help="tiny Llama only, shorter timing")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of all methods in turn; the median is kept")
     args = parser.parse_args(argv)
-    run(args.out, args.quick, default_device())
+    run(args.out, args.quick, default_device(), args.rounds)
     return 0
 
 

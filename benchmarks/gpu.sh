@@ -37,7 +37,7 @@ if [ "${LOPA_GPU_QUICK:-0}" = 1 ]; then
     grep -E "FAILED|ERROR" "$OUT/tests.log" | head -20
     TAIL=22 stage 200 bench.log "$PY" benchmarks/kernels.py --quick --out "$OUT"
     TAIL=5 stage 90 tiles.log "$PY" benchmarks/tile_sweep.py --out "$OUT"
-    TAIL=8 stage 90 end_to_end.log "$PY" benchmarks/end_to_end.py --quick --out "$OUT"
+    TAIL=8 stage 120 end_to_end.log "$PY" benchmarks/end_to_end.py --quick --out "$OUT"
     TAIL=8 stage 90 serving.log "$PY" benchmarks/serving.py --quick --out "$OUT"
     exit 0
 fi

@@ -26,6 +26,7 @@ from lopa.kernels._shared import (
     low_rank_tile,
     make_chunks,
     segment_sum,
+    forward_tiles_for,
     tiles_for,
 )
 
@@ -117,7 +118,7 @@ def _forward(zs: Tensor, u: Tensor, v: Tensor, task_ids: Optional[Tensor]) -> Te
     out = new_output((B, M, D), zs)
     if out.numel() == 0:
         return out
-    tiles = tiles_for(M, D, R)
+    tiles = forward_tiles_for(M, D, R)
     grid = (B, triton.cdiv(M, tiles.m), triton.cdiv(D, tiles.d))
     _gated_fwd_kernel[grid](
         zs, u, v, task_ids if task_ids is not None else out, out,

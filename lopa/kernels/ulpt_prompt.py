@@ -26,6 +26,7 @@ from lopa.kernels._shared import (
     low_rank_tile,
     make_chunks,
     segment_sum,
+    forward_tiles_for,
     tiles_for,
 )
 
@@ -117,7 +118,7 @@ def _forward(z: Tensor, proj: Tensor, scale: Tensor, shift: Tensor, task_ids: Op
     out = new_output((rows, N, D), z)
     if out.numel() == 0:
         return out
-    tiles = tiles_for(N, D, R)
+    tiles = forward_tiles_for(N, D, R)
     grid = (rows, triton.cdiv(N, tiles.m), triton.cdiv(D, tiles.d))
     _ulpt_fwd_kernel[grid](
         z, proj, scale, shift, task_ids if task_ids is not None else out, out,
