@@ -136,6 +136,9 @@ class AssembledInputs(NamedTuple):
     token_positions: Tensor  # (B, L) int64: output position of input position j
     prompt_starts: Tensor  # (B,) int64: output position of each row's first prompt row
     num_virtual_tokens: int
+    # True when every row's prompt starts at 0 (no left padding), so the real tokens are
+    # the slice [m, m+L) of every output; None when unknown (under torch.compile).
+    tokens_follow_prompt: Optional[bool] = None
 
     def insert(self, values: Tensor, fill) -> Tensor:
         """Extend a per-token ``(B, L)`` tensor (labels, token types) to ``(B, m+L)``.
@@ -146,7 +149,7 @@ class AssembledInputs(NamedTuple):
 
     def real_tokens(self, values: Tensor) -> Tensor:
         """The ``(B, L, ...)`` real-token part of a ``(B, m+L, ...)`` model output."""
-        return take_positions(values, self.token_positions)
+        return take_positions(values, self.token_positions, self.tokens_follow_prompt)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -174,17 +177,20 @@ def insert_virtual(values: Tensor, token_positions: Tensor, num_virtual: int, fi
     return out.scatter_(1, index, values)
 
 
-def take_positions(values: Tensor, positions: Tensor) -> Tensor:
-    """``values[b, positions[b, j], ...]`` -> ``(B, L, ...)``."""
+def take_positions(values: Tensor, positions: Tensor, follow: Optional[bool] = None) -> Tensor:
+    """``values[b, positions[b, j], ...]`` -> ``(B, L, ...)``.
+
+    ``follow=True`` says every row's tokens sit at ``[m, m+L)`` (no left padding): the result
+    is then a view, with no copy of a ``(B, L, vocab)`` logits tensor and no host sync.
+    ``None`` checks that on the device (one sync); ``False`` gathers.
+    """
     batch, length = positions.shape
-    if batch and length:
+    if follow:
+        return values.narrow(1, values.shape[1] - length, length)
+    if follow is None and batch and length and not torch.compiler.is_compiling():
         first = positions[:, :1]
         offset = positions[0, 0]
-        # The common case (no left padding): every row's tokens follow the prompt, so the
-        # result is a view; no copy of a (B, L, vocab) logits tensor.
-        if not torch.compiler.is_compiling() and bool(
-            (positions == first + torch.arange(length, device=positions.device)).all() & (first == offset).all()
-        ):
+        if bool((positions == first + torch.arange(length, device=positions.device)).all() & (first == offset).all()):
             return values.narrow(1, int(offset), length)
     # Row-wise gather; advanced indexing avoids take_along_dim's index broadcast to the
     # full (B, L, ...) shape (8 bytes per element: twice a float32 logits tensor).
@@ -446,11 +452,6 @@ def assemble_inputs(
         device = embedding_weight.device
         table = embedding_weight
         row_index = input_ids.to(torch.int64)
-        if row_index.numel() and not torch.compiler.is_compiling():
-            lo, hi = torch.aminmax(row_index)
-            if int(lo) < 0 or int(hi) >= table.shape[0]:
-                bad = int(lo) if int(lo) < 0 else int(hi)
-                raise IndexError(f"input_ids contains {bad}, outside the embedding table's {table.shape[0]} rows")
     if attention_mask is not None:
         require_tensor("attention_mask", attention_mask)
         if tuple(attention_mask.shape) != (batch, length):
@@ -460,16 +461,35 @@ def assemble_inputs(
         if attention_mask.device != device:
             raise ValueError(f"attention_mask is on {attention_mask.device} but the inputs are on {device}")
 
+    starts = first_token_index(attention_mask, batch, length, device)
+    follow = _check_ids_and_padding(row_index if input_ids is not None else None, table.shape[0], starts)
     bank, prompt_index = _prompt_rows(prompt, task_ids, batch, dim, device)
     m = bank.shape[1]
-    starts = first_token_index(attention_mask, batch, length, device)
     embeds = assemble_embeds(table, row_index, starts, bank, prompt_index, backend=backend)
     positions = token_positions_for(starts, length, m)
     base_mask = (torch.ones(batch, length, dtype=torch.int64, device=device) if attention_mask is None
                  else attention_mask.to(torch.int64))
     mask = insert_virtual(base_mask, positions, m, 1)
     pos = position_ids_from_mask(mask, position_offset, pad_position)
-    return AssembledInputs(embeds, mask, pos, positions, starts, m)
+    return AssembledInputs(embeds, mask, pos, positions, starts, m, follow)
+
+
+def _check_ids_and_padding(row_index: Optional[Tensor], num_rows: int, starts: Tensor) -> Optional[bool]:
+    """Range-check token ids and learn whether any row is left-padded, in one host sync.
+
+    The sync happens here, before the model's kernels are queued, so it waits for little;
+    returns whether every row's tokens follow the prompt (None under torch.compile).
+    """
+    if torch.compiler.is_compiling() or starts.numel() == 0:
+        return None
+    stats = [starts.max()]
+    if row_index is not None and row_index.numel():
+        stats += list(torch.aminmax(row_index))
+    values = torch.stack(stats).tolist()
+    if len(values) == 3 and (values[1] < 0 or values[2] >= num_rows):
+        bad = values[1] if values[1] < 0 else values[2]
+        raise IndexError(f"input_ids contains {bad}, outside the embedding table's {num_rows} rows")
+    return values[0] == 0
 
 
 def _prompt_rows(prompt: Any, task_ids, batch: int, dim: int, device):

@@ -128,6 +128,24 @@ def test_positions_and_round_trip():
     assert roberta.position_ids.tolist()[0] == [1, 1, 2, 3, 4, 5]
 
 
+
+@pytest.mark.parametrize("mask, follows", [
+    (None, True),
+    (torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]), True),  # right padding only
+    (torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1], [1, 1, 0, 0]]), False),  # one row left-padded
+])
+def test_real_tokens_is_a_view_exactly_when_no_row_is_left_padded(mask, follows):
+    ids = torch.randint(0, 10, (3, 4))
+    got = A.assemble_inputs(torch.randn(10, 5), ids, mask, torch.randn(2, 5))
+    assert got.tokens_follow_prompt is follows
+    logits = torch.randn(3, 6, 7)
+    real = got.real_tokens(logits)
+    expected = torch.stack([logits[b, got.token_positions[b]] for b in range(3)])
+    assert torch.equal(real, expected)
+    assert (real.data_ptr() == logits.data_ptr() + 2 * logits.stride(1) * logits.element_size()) is follows
+    # Unknown (None) must agree with the known answer.
+    assert torch.equal(A.take_positions(logits, got.token_positions, None), expected)
+
 def test_left_align_moves_pads_and_keeps_order():
     mask = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1]])
     ids = torch.tensor([[5, 6, 0], [0, 7, 8], [1, 0, 2]])
