@@ -37,3 +37,12 @@ def backend(request):
 @pytest.fixture
 def device(backend):
     return backend_device(backend)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is faster, and immune to a busy shared machine (OpenMP spin waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,6 +7,8 @@ from lopa import assemble as A
 from lopa import _backends
 from lopa.testing import poisoned_outputs
 
+import tiny_models as tm
+
 ASSEMBLY_BACKENDS = ("reference", "cpp", "triton")
 
 
@@ -26,15 +28,7 @@ def asm_backend(request):
 
 def _manual(table, ids, mask, prompt_rows):
     """Per-row reference: [left pads | prompt | rest] via torch.cat, and the extended mask."""
-    rows, masks = [], []
-    for b in range(ids.shape[0]):
-        real = (mask[b] != 0).nonzero()
-        s = int(real[0]) if real.numel() else 0
-        emb = table[ids[b]]
-        p = prompt_rows[b].to(table.dtype)
-        rows.append(torch.cat([emb[:s], p, emb[s:]]))
-        masks.append(torch.cat([mask[b, :s], torch.ones(p.shape[0], dtype=mask.dtype), mask[b, s:]]))
-    return torch.stack(rows), torch.stack(masks)
+    return tm.manual_rows(table, ids, mask, prompt_rows)[:2]
 
 
 def _mask(kind, batch, length, g):

@@ -14,13 +14,7 @@ import tiny_models as tm
 D = 24  # odd-ish width: not a power of two
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster, and immune to a busy shared machine (OpenMP spin waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ulpt(n, r, seed=0, d=D, gen=None):

@@ -96,9 +96,9 @@ def batch(batch_size=3, length=7, padding="left", seed=0, low=3, pad_id=0):
     return ids, mask
 
 
-def manual_inputs(model, prompt_rows, ids, mask, position_offset=0, pad_position=None):
-    """Reference assembly by per-row torch.cat: inputs_embeds, mask, position ids, first-token index."""
-    table = model.get_input_embeddings().weight
+def manual_rows(table, ids, mask, prompt_rows):
+    """Reference assembly by per-row torch.cat: [left pads | prompt | rest], the extended
+    mask, and each row's first-token index."""
     rows, masks, starts = [], [], []
     for b in range(ids.shape[0]):
         real = (mask[b] != 0).nonzero()
@@ -108,10 +108,15 @@ def manual_inputs(model, prompt_rows, ids, mask, position_offset=0, pad_position
         rows.append(torch.cat([emb[:s], p, emb[s:]]))
         masks.append(torch.cat([mask[b, :s], torch.ones(p.shape[0], dtype=mask.dtype), mask[b, s:]]))
         starts.append(s)
-    ext_mask = torch.stack(masks)
+    return torch.stack(rows), torch.stack(masks), starts
+
+
+def manual_inputs(model, prompt_rows, ids, mask, position_offset=0, pad_position=None):
+    """Reference assembly by per-row torch.cat: inputs_embeds, mask, position ids, first-token index."""
+    embeds, ext_mask, starts = manual_rows(model.get_input_embeddings().weight, ids, mask, prompt_rows)
     pos = ext_mask.cumsum(-1) - 1 + position_offset
     pos = pos.masked_fill(ext_mask == 0, position_offset if pad_position is None else pad_position)
-    return torch.stack(rows), ext_mask, pos, starts
+    return embeds, ext_mask, pos, starts
 
 
 def smollm2_gguf():
