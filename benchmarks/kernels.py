@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     time_ms,
 )
 
+MIN_TIME_S = 0.2  # per (shape, provider, mode) on the CPU; --min-time sets it
 HEADLINE = [GatedShape(32, 32, 4, 2048), UlptShape(100, 2, 2048)]
 # Large enough to stream from HBM rather than be launch-bound: where "% of copy" is fair.
 GPU_STREAMING = [GatedShape(256, 64, 4, 4096), GatedShape(1024, 32, 8, 4096), UlptShape(100, 64, 4096, B=256)]
@@ -56,7 +57,7 @@ def measure(shape, provider: str, mode: str, dtype: torch.dtype, device: torch.d
     """Time one (shape, provider, mode); ``done`` holds this provider's earlier modes."""
     inputs = make_inputs(shape, dtype, device)
     run = mode_callable(op_function(shape, provider), inputs, mode)
-    timing = time_ms(run, device)
+    timing = time_ms(run, device, min_time_s=MIN_TIME_S)
     if device.type == "cuda" and mode == "bwd" and "fwd" in done and "fwd+bwd" in done:
         # A backward replayed on a graph recorded outside CUDA-graph capture cannot be
         # captured, so its own measurement is the eager call; the device time of the
@@ -74,6 +75,9 @@ def run_sweep(device: torch.device, dtypes: List[str], quick: bool, providers: L
     info = machine_info(device)
     copy_gbs = copy_bandwidth_gbs(device)
     log(f"device {info['device']} ({info['cpu']}), copy bandwidth {copy_gbs:.1f} GB/s")
+    # Thrown away: the first case timed in a process ran up to 5x slow for whole seconds on
+    # the CPU (allocator and thread-pool warm-up after the large copy).
+    measure(HEADLINE[0], "reference", "fwd+bwd", DTYPE_NAMES[dtypes[0]], device, {})
     rows = []
     for dtype_name in dtypes:
         dtype = DTYPE_NAMES[dtype_name]
@@ -183,7 +187,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
     parser.add_argument("--providers", default=None, help="comma-separated subset of providers")
     parser.add_argument("--quick", action="store_true", help="only the headline shapes")
+    parser.add_argument("--min-time", type=float, default=MIN_TIME_S,
+                        help="CPU: seconds of repeated calls per measurement (default 0.2)")
     args = parser.parse_args(argv)
+    globals()["MIN_TIME_S"] = args.min_time
     device = default_device()
     providers = args.providers.split(",") if args.providers else providers_for(device)
     os.makedirs(args.out, exist_ok=True)
