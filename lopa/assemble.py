@@ -249,6 +249,38 @@ def _triton_fn():
     return kernel.assemble_embeds_
 
 
+@functools.lru_cache(maxsize=None)
+def _cpp_gated_op():
+    if _cpp_op() is None:
+        return None
+    try:
+        op = torch.ops.lopa_cpp.assemble_gated_embeds
+    except (AttributeError, RuntimeError):  # an extension built before this op existed
+        return None
+    try:
+        torch.library.register_fake("lopa_cpp::assemble_gated_embeds")(lambda *args: None)
+    except Exception:  # already registered
+        pass
+    return op
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_gated_fn():
+    if _triton_fn() is None:
+        return None
+    from lopa.kernels import assemble as kernel
+
+    return kernel.assemble_gated_embeds_
+
+
+def _assemble_gated_reference(out, table, row_index, starts, zs, u, v, task_ids) -> None:
+    """PyTorch fallback of the fused LoPA assembly: the gated prompt, then the plain assembly."""
+    from lopa import reference
+
+    prompt = reference.gated_prompt(zs, u, v, task_ids)
+    _assemble_reference(out, table, row_index, starts, prompt, torch.arange(prompt.shape[0], device=out.device))
+
+
 def _assemble_reference(out, table, row_index, starts, prompt, prompt_index) -> None:
     """PyTorch fallback: gather every token row in place, then put the prompt rows."""
     batch, total, dim = out.shape
@@ -325,14 +357,12 @@ class _AssembleEmbeds(torch.autograd.Function):
     def backward(ctx, grad):
         row_index, starts, prompt_index = ctx.saved_tensors
         table_shape, prompt_shape, table_dtype, prompt_dtype = ctx.shapes
-        batch, length = row_index.shape
-        num_prompts, m, dim = prompt_shape
+        num_prompts, m, _ = prompt_shape
         grad_table = grad_prompt = None
         if ctx.needs_input_grad[1]:
-            slots = starts[:, None] + torch.arange(m, device=grad.device)[None, :]
             # Sums over rows run in float32 at least (a half prompt gets one rounding).
             acc = torch.promote_types(prompt_dtype, torch.float32)
-            rows = grad[torch.arange(batch, device=grad.device)[:, None], slots]  # (B, m, d), no host sync
+            rows = _prompt_slots_gradient(grad, starts, m)
             if ctx.per_row:
                 grad_prompt = rows.to(prompt_dtype)
             elif num_prompts == 1:
@@ -342,11 +372,106 @@ class _AssembleEmbeds(torch.autograd.Function):
 
                 grad_prompt = rows_per_task(rows.to(acc), prompt_index, num_prompts).to(prompt_dtype)
         if ctx.needs_input_grad[0]:
-            positions = token_positions_for(starts, length, m)
-            tokens = take_positions(grad, positions).reshape(batch * length, dim)
-            grad_table = grad.new_zeros(table_shape, dtype=table_dtype)
-            grad_table.index_add_(0, row_index.reshape(-1), tokens.to(table_dtype))
+            grad_table = _table_gradient(grad, row_index, starts, m, table_shape, table_dtype)
         return grad_table, grad_prompt, None, None, None, None, None
+
+
+def _table_gradient(grad: Tensor, row_index: Tensor, starts: Tensor, m: int, table_shape, table_dtype) -> Tensor:
+    """Scatter-add the token positions' gradient into the (unfrozen) embedding table."""
+    batch, length = row_index.shape
+    positions = token_positions_for(starts, length, m)
+    tokens = take_positions(grad, positions).reshape(batch * length, grad.shape[-1])
+    grad_table = grad.new_zeros(table_shape, dtype=table_dtype)
+    grad_table.index_add_(0, row_index.reshape(-1), tokens.to(table_dtype))
+    return grad_table
+
+
+def _prompt_slots_gradient(grad: Tensor, starts: Tensor, m: int) -> Tensor:
+    """The (B, m, d) gradient at each row's prompt positions (a gather: no host sync)."""
+    slots = starts[:, None] + torch.arange(m, device=grad.device)[None, :]
+    return grad[torch.arange(grad.shape[0], device=grad.device)[:, None], slots]
+
+
+def _gated_backward(name: str, grad: Tensor, zs: Tensor, u: Tensor, v: Tensor, task_ids, needs):
+    if name == "reference":
+        from lopa import reference
+
+        return reference.gated_prompt_backward(grad, zs, u, v, task_ids)
+    op = torch.ops.lopa_cpp.gated_prompt_bwd if name == "cpp" else torch.ops.lopa_triton.gated_prompt_bwd
+    return op(grad, zs, u, v, task_ids, *needs)
+
+
+class _AssembleGated(torch.autograd.Function):
+    """Token rows and LoPA's gated prompt rows written once into (B, m+L, d).
+
+    Saves only the inputs; the backward gathers the prompt positions' gradient and runs the
+    gate's own backward kernel (which recomputes ``sigmoid(u @ v)``).
+    """
+
+    @staticmethod
+    def forward(ctx, table, zs, u, v, row_index, starts, task_ids, fill, name):
+        batch, length = row_index.shape
+        m, dim = zs.shape[1], zs.shape[2]
+        out = new_output((batch, m + length, dim), table)
+        if out.numel():
+            fill(out, table, row_index, starts, zs, u, v, task_ids)
+        ctx.save_for_backward(row_index, starts, zs, u, v, task_ids)
+        ctx.table_meta = (tuple(table.shape), table.dtype)
+        ctx.name = name
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        row_index, starts, zs, u, v, task_ids = ctx.saved_tensors
+        need_table, need_zs, need_u, need_v = ctx.needs_input_grad[:4]
+        grads = [None] * 9
+        if need_zs or need_u or need_v:
+            rows = _prompt_slots_gradient(grad, starts, zs.shape[1]).to(zs.dtype).contiguous()
+            dzs, du, dv = _gated_backward(ctx.name, rows, zs, u, v, task_ids, (need_zs, need_u, need_v))
+            grads[1:4] = [dzs if need_zs else None, du if need_u else None, dv if need_v else None]
+        if need_table:
+            grads[0] = _table_gradient(grad, row_index, starts, zs.shape[1], *ctx.table_meta)
+        return tuple(grads)
+
+
+def _gated_fill(prompt: "GatedSource", backend: str, device: torch.device, dtype: torch.dtype):
+    """(fill function, gate backend) of the fused LoPA assembly, or None for the two-step path.
+
+    The two-step path (materialise the gate, then place it) remains for a GatedSource that
+    asks for another backend than the assembly's, and for float64 on CUDA.
+    """
+    impl = _resolve_backend(backend, device)
+    if impl is _assemble_reference:
+        fill, name = _assemble_gated_reference, "reference"
+    elif impl is _cpp_op():
+        fill, name = _cpp_gated_op(), "cpp"
+    elif dtype != torch.float64:
+        fill, name = _triton_gated_fn(), "triton"
+    else:
+        return None
+    if fill is None or prompt.backend not in ("auto", name):
+        return None
+    return fill, name
+
+
+def _assemble_gated_source(table, row_index, starts, prompt: "GatedSource", task_ids, batch, dim, device, backend):
+    from lopa.ops import gated_bank
+
+    bank, task_ids = gated_bank(prompt.zs, prompt.u, prompt.v, task_ids)
+    if bank.shape[-1] != dim:
+        raise ValueError(f"prompt has width {bank.shape[-1]} but the model's embeddings have width {dim}")
+    if bank.device != device:
+        raise ValueError(f"prompt is on {bank.device} but the inputs are on {device}")
+    if prompt.u.shape[0] != batch:
+        raise ValueError(f"the LoPA prompt has u for {prompt.u.shape[0]} rows but the batch has {batch} rows")
+    chosen = _gated_fill(prompt, backend, device, bank.dtype)
+    if chosen is None:
+        return None
+    fill, name = chosen
+    if fill is not _assemble_gated_reference:
+        table = table if table.stride(-1) == 1 else table.contiguous()
+    return _AssembleGated.apply(table, bank, prompt.u, prompt.v, row_index.contiguous(), starts.contiguous(),
+                                task_ids, fill, name)
 
 
 def assemble_embeds(
@@ -463,9 +588,15 @@ def assemble_inputs(
 
     starts = first_token_index(attention_mask, batch, length, device)
     follow = _check_ids_and_padding(row_index if input_ids is not None else None, table.shape[0], starts)
-    bank, prompt_index = _prompt_rows(prompt, task_ids, batch, dim, device)
-    m = bank.shape[1]
-    embeds = assemble_embeds(table, row_index, starts, bank, prompt_index, backend=backend)
+    embeds = None
+    if isinstance(prompt, GatedSource):
+        embeds = _assemble_gated_source(table, row_index, starts, prompt, task_ids, batch, dim, device, backend)
+    if embeds is None:
+        bank, prompt_index = _prompt_rows(prompt, task_ids, batch, dim, device)
+        m = bank.shape[1]
+        embeds = assemble_embeds(table, row_index, starts, bank, prompt_index, backend=backend)
+    else:
+        m = prompt.zs.shape[-2]
     positions = token_positions_for(starts, length, m)
     base_mask = (torch.ones(batch, length, dtype=torch.int64, device=device) if attention_mask is None
                  else attention_mask.to(torch.int64))

@@ -50,6 +50,13 @@ def gated_lowrank_prompt(
         Gradients flow to ``zs``, ``u`` and ``v``; with a bank each task's gradient sums
         the rows that used it and unused tasks get zeros.
     """
+    bank, task_ids = gated_bank(zs, u, v, task_ids)
+    impl = _backends.resolve(backend, zs.device, zs.dtype)
+    return impl.gated_prompt(bank, u, v, task_ids)
+
+
+def gated_bank(zs: Tensor, u: Tensor, v: Tensor, task_ids: Optional[Tensor]):
+    """Validate the gate's arguments; return ``zs`` as a ``(T, m, d)`` bank and int64 ``task_ids``."""
     for name, value in (("zs", zs), ("u", u), ("v", v)):
         require_tensor(name, value)
     require_ndim("zs", zs, (2, 3), "(m, d) or (T, m, d)")
@@ -79,9 +86,7 @@ def gated_lowrank_prompt(
                 "required to say which task each row uses"
             )
         bank = zs
-    task_ids = check_task_ids(task_ids, batch, bank.shape[0], zs.device)
-    impl = _backends.resolve(backend, zs.device, zs.dtype)
-    return impl.gated_prompt(bank, u, v, task_ids)
+    return bank, check_task_ids(task_ids, batch, bank.shape[0], zs.device)
 
 
 def ulpt_prompt(

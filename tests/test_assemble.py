@@ -185,6 +185,67 @@ def test_sources_match_materialised_prompts_with_gradients():
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("bank", [False, True], ids=["one-task", "bank"])
+@pytest.mark.parametrize("table_dtype, prompt_dtype", [
+    (torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+], ids=["f64", "f32", "bf16-table"])
+def test_fused_lopa_assembly_matches_gate_then_cat(asm_backend, bank, table_dtype, prompt_dtype):
+    """The gate computed inside the assembly equals materialising it and concatenating per row."""
+    if asm_backend == "triton" and torch.float64 in (table_dtype, prompt_dtype):
+        pytest.skip("Triton runs float16/bfloat16/float32")
+    if asm_backend == "cpp" and A._cpp_gated_op() is None:
+        pytest.skip("C++ extension built without the fused LoPA assembly")
+    dev = _device(asm_backend)
+    g = torch.Generator().manual_seed(11)
+    batch, length, m, r, d, vocab = 5, 7, 3, 3, 37, 23
+    table = torch.randn(vocab, d, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    mask = _mask("left", batch, length, g)
+    tasks = 4 if bank else 1
+    zs64 = torch.randn(tasks, m, d, generator=g, dtype=torch.float64)
+    u64 = torch.randn(batch, m, r, generator=g, dtype=torch.float64)
+    v64 = torch.randn(batch, d, r, generator=g, dtype=torch.float64).transpose(1, 2)  # a head output, strided
+    tids = torch.tensor([3, 0, 3, 1, 0]) if bank else None  # repeated and unused tasks
+
+    def leaves(dtype, device):
+        zs = (zs64 if bank else zs64[0]).to(device, dtype).requires_grad_()
+        u = u64.to(device, dtype).requires_grad_()
+        v = v64.to(device, dtype).detach().requires_grad_()
+        return zs, u, v
+
+    zs, u, v = leaves(prompt_dtype, dev)
+    assert not v.is_contiguous()
+    with poisoned_outputs():
+        got = A.assemble_inputs(table.to(dev, table_dtype), ids.to(dev), mask.to(dev), A.GatedSource(zs, u, v),
+                                task_ids=None if tids is None else tids.to(dev), backend=asm_backend).inputs_embeds
+    assert not torch.isnan(got).any()
+    w = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((got.double() * w.to(dev)).sum(), (zs, u, v))
+
+    rzs, ru, rv = leaves(torch.float64, "cpu")
+    rows = (rzs[tids] if bank else rzs) * torch.sigmoid(ru @ rv)
+    expected, _ = _manual(table, ids, mask, rows)
+    ref_grads = torch.autograd.grad((expected * w).sum(), (rzs, ru, rv))
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2}[table_dtype]
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=tol, atol=tol)
+    gtol = 1e-10 if prompt_dtype == torch.float64 else 1e-2 if table_dtype == torch.bfloat16 else 1e-4
+    for name, x, y in zip(("zs", "u", "v"), grads, ref_grads):
+        torch.testing.assert_close(x.double().cpu(), y, rtol=gtol, atol=gtol, msg=lambda s: f"grad {name}: {s}")
+    if bank:
+        assert torch.all(grads[0][2] == 0), "an unused task gets a zero gradient"
+
+
+def test_fused_lopa_assembly_does_not_materialise_the_prompt(monkeypatch):
+    """The fused path never calls the gate op (which would allocate the (B, m, d) prompt)."""
+    calls = []
+    monkeypatch.setattr(lopa, "gated_lowrank_prompt", lambda *a, **k: calls.append(1))
+    g = torch.Generator().manual_seed(2)
+    zs, u, v = torch.randn(2, 8, generator=g), torch.randn(3, 2, 2, generator=g), torch.randn(3, 2, 8, generator=g)
+    out = A.assemble_inputs(torch.randn(9, 8, generator=g), torch.randint(0, 9, (3, 4), generator=g), None,
+                            A.GatedSource(zs, u, v)).inputs_embeds
+    assert out.shape == (3, 6, 8) and not calls
+
+
 def test_embedding_table_gradient_when_unfrozen():
     g = torch.Generator().manual_seed(5)
     table = torch.randn(12, 7, generator=g, requires_grad=True)
@@ -221,6 +282,13 @@ def test_inputs_embeds_source():
     (lambda t, i, m, p: A.assemble_inputs(t, i, m, p.expand(2, 2, 4), task_ids=torch.tensor([0, 2, 0])), "outside the bank"),
     (lambda t, i, m, p: A.assemble_inputs(t, i, m, "prompt"), "prompt must be a Tensor, ULPTSource or GatedSource"),
     (lambda t, i, m, p: A.assemble_inputs(t, i, m, p, backend="cuda"), "backend must be one of"),
+    (lambda t, i, m, p: A.assemble_inputs(t, i, m, A.GatedSource(torch.randn(2, 5), torch.randn(3, 2, 1),
+                                                                torch.randn(3, 1, 5))),
+     "prompt has width 5 but the model's embeddings have width 4"),
+    (lambda t, i, m, p: A.assemble_inputs(t, i, m, A.GatedSource(p, torch.randn(2, 2, 1), torch.randn(2, 1, 4))),
+     "u for 2 rows but the batch has 3 rows"),
+    (lambda t, i, m, p: A.assemble_inputs(t, i, m, A.GatedSource(p, torch.randn(3, 2, 2), torch.randn(3, 1, 4))),
+     "v has size 1 in dimension 1 but the rank r of u is 2"),
 ])
 def test_bad_inputs_name_the_argument(call, match):
     table = torch.randn(10, 4)
@@ -228,3 +296,18 @@ def test_bad_inputs_name_the_argument(call, match):
     mask = torch.ones(3, 5, dtype=torch.int64)
     with pytest.raises((ValueError, TypeError, IndexError), match=match):
         call(table, ids, mask, torch.randn(2, 4))
+
+
+def test_opcheck_cpp_assembly_ops():
+    if A._cpp_gated_op() is None:
+        pytest.skip("C++ extension built without the fused LoPA assembly")
+    g = torch.Generator().manual_seed(4)
+    batch, length, m, r, d = 3, 4, 2, 3, 9
+    table = torch.randn(11, d, generator=g)
+    row_index = torch.randint(0, 11, (batch, length), generator=g)
+    starts = torch.tensor([0, 2, 4])
+    out = torch.empty(batch, m + length, d)
+    zs, u = torch.randn(2, m, d, generator=g), torch.randn(batch, m, r, generator=g)
+    v = torch.randn(batch, d, r, generator=g).transpose(1, 2)
+    torch.library.opcheck(A._cpp_gated_op(), (out, table, row_index, starts, zs, u, v, torch.tensor([1, 0, 1])))
+    torch.library.opcheck(A._cpp_op(), (out, table, row_index, starts, zs, torch.tensor([1, 0, 1])))

@@ -2,7 +2,8 @@
 
 One program per (output row, block of ``d``): it reads the row's prompt start, then copies
 either the token's embedding row or the prompt row into place, casting to the output
-dtype.  Used by :func:`lopa.assemble.assemble_embeds` on CUDA (and under
+dtype.  The LoPA variant computes the prompt row itself, ``zs[t_b, i] * sigmoid(u[b, i] @
+v[b])``, so no ``(B, m, d)`` prompt tensor is ever materialised.  Used by :func:`lopa.assemble.assemble_embeds` on CUDA (and under
 ``TRITON_INTERPRET=1`` on the CPU, for tests).
 """
 from __future__ import annotations
@@ -55,5 +56,66 @@ def assemble_embeds_(out: Tensor, table: Tensor, row_index: Tensor, starts: Tens
         out, table, row_index, starts, prompt, prompt_index,
         length, m, dim, table.stride(0), prompt.stride(0), prompt.stride(1),
         BLOCK_D=block,
+        num_warps=4 if block >= 512 else 2,
+    )
+
+
+@triton.jit
+def _assemble_gated_kernel(
+    out_ptr, table_ptr, row_index_ptr, starts_ptr, zs_ptr, u_ptr, v_ptr, ids_ptr,
+    L, M, D, R, table_stride,
+    s_zt, s_zm, s_zd, s_ub, s_um, s_ur, s_vb, s_vr, s_vd,
+    HAS_IDS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    total = L + M
+    b = row // total
+    j = row % total
+    start = tl.load(starts_ptr + b)
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = offs < D
+    in_prompt = (j >= start) & (j < start + M)
+    out_row = out_ptr + row * D + offs
+    if in_prompt:
+        i = j - start
+        if HAS_IDS:
+            t = tl.load(ids_ptr + b)
+        else:
+            t = 0
+        # Rank-1 updates in float32 (1-D operations only: see kernels/_shared.py).
+        logits = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for k in range(0, R):
+            u_ik = tl.load(u_ptr + b * s_ub + i * s_um + k * s_ur).to(tl.float32)
+            v_k = tl.load(v_ptr + b * s_vb + k * s_vr + offs * s_vd, mask=dmask, other=0.0).to(tl.float32)
+            logits += u_ik * v_k
+        zs_vals = tl.load(zs_ptr + t * s_zt + i * s_zm + offs * s_zd, mask=dmask, other=0.0).to(tl.float32)
+        gated = zs_vals * tl.sigmoid(logits)
+        tl.store(out_row, gated.to(out_ptr.dtype.element_ty), mask=dmask)
+    else:
+        tok_j = tl.where(j < start, j, j - M)
+        t_row = tl.load(row_index_ptr + b * L + tok_j)
+        token_vals = tl.load(table_ptr + t_row * table_stride + offs, mask=dmask)
+        tl.store(out_row, token_vals.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+def assemble_gated_embeds_(out: Tensor, table: Tensor, row_index: Tensor, starts: Tensor,
+                           zs: Tensor, u: Tensor, v: Tensor, task_ids) -> None:
+    """Fill ``out`` ``(B, m+L, d)`` (contiguous) with token rows and LoPA's gated prompt rows.
+
+    ``zs`` ``(T, m, d)``, ``u`` ``(B, m, r)``, ``v`` ``(B, r, d)`` of any strides; ``task_ids``
+    ``(B,)`` int64 or None (then T = 1).  Same contract as the C++ op.
+    """
+    batch, total, dim = out.shape
+    m = zs.shape[1]
+    length = total - m
+    if out.numel() == 0:
+        return
+    block = min(1024, triton.next_power_of_2(dim))
+    grid = (batch * total, triton.cdiv(dim, block))
+    _assemble_gated_kernel[grid](
+        out, table, row_index, starts, zs, u, v, task_ids if task_ids is not None else starts,
+        length, m, dim, u.shape[2], table.stride(0),
+        *zs.stride(), *u.stride(), *v.stride(),
+        HAS_IDS=task_ids is not None, BLOCK_D=block,
         num_warps=4 if block >= 512 else 2,
     )
