@@ -226,18 +226,28 @@ def left_align(attention_mask: Tensor, *tensors: Optional[Tensor]):
 
 
 # ----------------------------------------------------------------------------- kernels
-@functools.lru_cache(maxsize=None)
-def _cpp_op():
-    _backends.cpp_available()  # imports lopa._C, which registers the op when built with it
+def _registered_cpp_op(name: str):
+    """``torch.ops.lopa_cpp.<name>`` with its (no-output) fake kernel, or None if not built."""
+    _backends.cpp_available()  # imports lopa._C, which registers the ops when built with them
     try:
-        op = torch.ops.lopa_cpp.assemble_embeds
-    except (AttributeError, RuntimeError):
+        op = getattr(torch.ops.lopa_cpp, name)
+    except (AttributeError, RuntimeError):  # not built, or built before this op existed
         return None
     try:
-        torch.library.register_fake("lopa_cpp::assemble_embeds")(lambda *args: None)
+        torch.library.register_fake(f"lopa_cpp::{name}")(lambda *args: None)
     except Exception:  # already registered
         pass
     return op
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_op():
+    return _registered_cpp_op("assemble_embeds")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_gated_op():
+    return _registered_cpp_op("assemble_gated_embeds")
 
 
 @functools.lru_cache(maxsize=None)
@@ -247,21 +257,6 @@ def _triton_fn():
     from lopa.kernels import assemble as kernel
 
     return kernel.assemble_embeds_
-
-
-@functools.lru_cache(maxsize=None)
-def _cpp_gated_op():
-    if _cpp_op() is None:
-        return None
-    try:
-        op = torch.ops.lopa_cpp.assemble_gated_embeds
-    except (AttributeError, RuntimeError):  # an extension built before this op existed
-        return None
-    try:
-        torch.library.register_fake("lopa_cpp::assemble_gated_embeds")(lambda *args: None)
-    except Exception:  # already registered
-        pass
-    return op
 
 
 @functools.lru_cache(maxsize=None)

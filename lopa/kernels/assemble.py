@@ -20,15 +20,7 @@ def _assemble_kernel(
     L, M, D, table_stride, prompt_stride0, prompt_stride1,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    total = L + M
-    b = row // total
-    j = row % total
-    start = tl.load(starts_ptr + b)
-    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = offs < D
-    in_prompt = (j >= start) & (j < start + M)
-    out_row = out_ptr + row * D + offs
+    b, j, start, offs, dmask, in_prompt, out_row = _output_row(out_ptr, starts_ptr, L, M, D, BLOCK_D)
     # The two branches use distinct names: Triton requires a name bound in both branches
     # to have one type, and the prompt (float32) and the table (bfloat16) may differ.
     if in_prompt:
@@ -36,28 +28,48 @@ def _assemble_kernel(
         prompt_vals = tl.load(prompt_ptr + p * prompt_stride0 + (j - start) * prompt_stride1 + offs, mask=dmask)
         tl.store(out_row, prompt_vals.to(out_ptr.dtype.element_ty), mask=dmask)
     else:
-        tok_j = tl.where(j < start, j, j - M)
-        t = tl.load(row_index_ptr + b * L + tok_j)
-        token_vals = tl.load(table_ptr + t * table_stride + offs, mask=dmask)
-        tl.store(out_row, token_vals.to(out_ptr.dtype.element_ty), mask=dmask)
+        _place_token_row(out_row, table_ptr, row_index_ptr, b, j, start, L, M, table_stride, offs, dmask)
+
+
+@triton.jit
+def _output_row(out_ptr, starts_ptr, L, M, D, BLOCK_D: tl.constexpr):
+    """This program's output row (b, j) and column block, and whether j is a prompt slot."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // (L + M)
+    j = row % (L + M)
+    start = tl.load(starts_ptr + b)
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_prompt = (j >= start) & (j < start + M)
+    return b, j, start, offs, offs < D, in_prompt, out_ptr + row * D + offs
+
+
+@triton.jit
+def _place_token_row(out_row, table_ptr, row_index_ptr, b, j, start, L, M, table_stride, offs, dmask):
+    """Output position j of row b is a token: copy its embedding row, cast to the output dtype."""
+    tok_j = tl.where(j < start, j, j - M)
+    t = tl.load(row_index_ptr + b * L + tok_j)
+    token_vals = tl.load(table_ptr + t * table_stride + offs, mask=dmask)
+    tl.store(out_row, token_vals.to(out_row.dtype.element_ty), mask=dmask)
 
 
 def assemble_embeds_(out: Tensor, table: Tensor, row_index: Tensor, starts: Tensor,
                      prompt: Tensor, prompt_index: Tensor) -> None:
     """Fill ``out`` ``(B, m+L, d)`` (contiguous) in place; same contract as the C++ op."""
-    batch, total, dim = out.shape
-    m = prompt.shape[1]
-    length = total - m
     if out.numel() == 0:
         return
-    block = min(1024, triton.next_power_of_2(dim))
-    grid = (batch * total, triton.cdiv(dim, block))
+    m, length, dim, grid, launch = _launch_shape(out, prompt.shape[1])
     _assemble_kernel[grid](
         out, table, row_index, starts, prompt, prompt_index,
-        length, m, dim, table.stride(0), prompt.stride(0), prompt.stride(1),
-        BLOCK_D=block,
-        num_warps=4 if block >= 512 else 2,
+        length, m, dim, table.stride(0), prompt.stride(0), prompt.stride(1), **launch,
     )
+
+
+def _launch_shape(out: Tensor, m: int):
+    """(m, L, d, grid, launch options): one program per output row and block of d columns."""
+    batch, total, dim = out.shape
+    block = min(1024, triton.next_power_of_2(dim))
+    grid = (batch * total, triton.cdiv(dim, block))
+    return m, total - m, dim, grid, dict(BLOCK_D=block, num_warps=4 if block >= 512 else 2)
 
 
 @triton.jit
@@ -67,15 +79,7 @@ def _assemble_gated_kernel(
     s_zt, s_zm, s_zd, s_ub, s_um, s_ur, s_vb, s_vr, s_vd,
     HAS_IDS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    total = L + M
-    b = row // total
-    j = row % total
-    start = tl.load(starts_ptr + b)
-    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = offs < D
-    in_prompt = (j >= start) & (j < start + M)
-    out_row = out_ptr + row * D + offs
+    b, j, start, offs, dmask, in_prompt, out_row = _output_row(out_ptr, starts_ptr, L, M, D, BLOCK_D)
     if in_prompt:
         i = j - start
         if HAS_IDS:
@@ -92,10 +96,7 @@ def _assemble_gated_kernel(
         gated = zs_vals * tl.sigmoid(logits)
         tl.store(out_row, gated.to(out_ptr.dtype.element_ty), mask=dmask)
     else:
-        tok_j = tl.where(j < start, j, j - M)
-        t_row = tl.load(row_index_ptr + b * L + tok_j)
-        token_vals = tl.load(table_ptr + t_row * table_stride + offs, mask=dmask)
-        tl.store(out_row, token_vals.to(out_ptr.dtype.element_ty), mask=dmask)
+        _place_token_row(out_row, table_ptr, row_index_ptr, b, j, start, L, M, table_stride, offs, dmask)
 
 
 def assemble_gated_embeds_(out: Tensor, table: Tensor, row_index: Tensor, starts: Tensor,
@@ -105,17 +106,12 @@ def assemble_gated_embeds_(out: Tensor, table: Tensor, row_index: Tensor, starts
     ``zs`` ``(T, m, d)``, ``u`` ``(B, m, r)``, ``v`` ``(B, r, d)`` of any strides; ``task_ids``
     ``(B,)`` int64 or None (then T = 1).  Same contract as the C++ op.
     """
-    batch, total, dim = out.shape
-    m = zs.shape[1]
-    length = total - m
     if out.numel() == 0:
         return
-    block = min(1024, triton.next_power_of_2(dim))
-    grid = (batch * total, triton.cdiv(dim, block))
+    m, length, dim, grid, launch = _launch_shape(out, zs.shape[1])
     _assemble_gated_kernel[grid](
         out, table, row_index, starts, zs, u, v, task_ids if task_ids is not None else starts,
         length, m, dim, u.shape[2], table.stride(0),
         *zs.stride(), *u.stride(), *v.stride(),
-        HAS_IDS=task_ids is not None, BLOCK_D=block,
-        num_warps=4 if block >= 512 else 2,
+        HAS_IDS=task_ids is not None, **launch,
     )
