@@ -22,34 +22,18 @@ encoder).  ``cache_hits`` / ``cache_misses`` count rows; ``clear_cache()`` empti
 """
 from __future__ import annotations
 
-import inspect
+import os
 from typing import Hashable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lopa.assemble import first_token_index, position_ids_from_mask
+from lopa.hf import accepts, default_pooling, hidden_size, model_position_offset
 
-__all__ = ["InstanceEncoder", "POOLINGS", "model_position_offset"]
+__all__ = ["InstanceEncoder", "POOLINGS", "model_position_offset", "resolve_encoder", "shares_model"]
 
 POOLINGS = ("cls", "mean", "last")
-
-
-def model_position_offset(model: nn.Module):
-    """``(offset, pad_value)`` for position ids: RoBERTa-style embeddings count from padding_idx+1."""
-    backbone = getattr(model, "base_model", model)
-    embeddings = getattr(backbone, "embeddings", None)
-    padding_idx = getattr(embeddings, "padding_idx", None)
-    if embeddings is not None and padding_idx is not None and hasattr(embeddings, "position_embeddings"):
-        return int(padding_idx) + 1, int(padding_idx)
-    return 0, None
-
-
-def _accepts(module: nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class InstanceEncoder(nn.Module):
@@ -79,7 +63,7 @@ class InstanceEncoder(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         backbone = self.backbone
-        self._position = model_position_offset(backbone) if _accepts(backbone, "position_ids") else None
+        self._position = model_position_offset(backbone) if accepts(backbone, "position_ids") else None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, pooling: str = "cls", *, dtype=None, **kwargs) -> "InstanceEncoder":
@@ -101,11 +85,10 @@ class InstanceEncoder(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        config = self.model.config
-        for name in ("hidden_size", "d_model", "n_embd", "dim"):
-            if getattr(config, name, None):
-                return int(getattr(config, name))
-        raise AttributeError("cannot tell the encoder's hidden size from its config")
+        width = hidden_size(getattr(self.model, "config", None))
+        if width is None:
+            raise AttributeError("cannot tell the encoder's hidden size from its config")
+        return width
 
     @property
     def vocab_size(self) -> Optional[int]:
@@ -144,7 +127,7 @@ class InstanceEncoder(nn.Module):
             offset, pad = self._position
             kwargs["position_ids"] = position_ids_from_mask(attention_mask, offset, pad)
         backbone = self.backbone
-        if _accepts(backbone, "output_hidden_states"):
+        if accepts(backbone, "output_hidden_states"):
             kwargs["output_hidden_states"] = True
         # Always eval (no dropout: an example always gives the same vector), even when the
         # model is shared with a training PromptTunedModel; its mode is restored after.
@@ -206,3 +189,56 @@ class InstanceEncoder(nn.Module):
                                max_length=self.max_length, return_tensors="pt")
         device = next(self.model.parameters()).device
         return self(batch["input_ids"].to(device), batch["attention_mask"].to(device), keys=keys)
+
+
+def shares_model(encoder: InstanceEncoder, model: nn.Module) -> bool:
+    """Whether ``encoder`` runs ``model`` itself (or its headless backbone)."""
+    return encoder.model is model or encoder.backbone is getattr(model, "base_model", None)
+
+
+def resolve_encoder(encoder, model: nn.Module, *, pooling: Optional[str] = None, cache: bool = False
+                    ) -> InstanceEncoder:
+    """LoPA's instance encoder from what a user passes.
+
+    ``None``: ``model`` itself (its default pooling: last token for decoders); a Hugging Face
+    model: wrapped with its default pooling; a local folder or hub name: loaded with
+    :meth:`InstanceEncoder.from_pretrained` (CLS pooling unless ``pooling`` says otherwise);
+    an :class:`InstanceEncoder`: used as it is.
+    """
+    if isinstance(encoder, InstanceEncoder):
+        return encoder
+    if encoder is None:
+        return InstanceEncoder(model, pooling=pooling or default_pooling(model), cache=cache)
+    if isinstance(encoder, (str, os.PathLike)):
+        return InstanceEncoder.from_pretrained(os.fspath(encoder), pooling=pooling or "cls", cache=cache)
+    if isinstance(encoder, nn.Module):
+        return InstanceEncoder(encoder, pooling=pooling or default_pooling(encoder), cache=cache)
+    raise TypeError("encoder must be a lopa.InstanceEncoder, a Hugging Face model or a local folder, got "
+                    f"{type(encoder).__name__}")
+
+
+def _saved_folder(name: Optional[str], directory: str) -> Optional[str]:
+    if not name:
+        return None
+    if os.path.isabs(name):  # checkpoints written before names were made portable
+        return name if os.path.isdir(name) else None
+    folder = os.path.join(directory, name)
+    return folder if os.path.isdir(folder) else None
+
+
+def saved_encoder(info: Optional[dict], model: nn.Module, directory: str) -> InstanceEncoder:
+    """The encoder a LoPA checkpoint at ``directory`` names: the base ``model`` itself, or a
+    folder inside the checkpoint; anything else must be passed by the caller."""
+    if not info:
+        raise ValueError(f"{directory}: a LoPA checkpoint must name its encoder; pass encoder=")
+    name, pooling = info.get("name_or_path"), info.get("pooling", "cls")
+    if name == "base" or info.get("shared_with_base"):
+        return InstanceEncoder(model, pooling=pooling)
+    folder = _saved_folder(name, directory)
+    if folder is not None:
+        return InstanceEncoder.from_pretrained(folder, pooling=pooling, max_length=info.get("max_length"))
+    raise ValueError(
+        f"{directory} was trained with the encoder {name!r} ({info.get('model_class')}, pooling {pooling!r}), "
+        "which is not a folder inside the checkpoint: load it and pass encoder=lopa.InstanceEncoder(model, "
+        f"pooling={pooling!r}) (or encoder='path/to/the/encoder')"
+    )

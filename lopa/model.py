@@ -58,8 +58,6 @@ model's dtype when the inputs are assembled; gradients come back in float32.
 """
 from __future__ import annotations
 
-import inspect
-import json
 import os
 import warnings
 from typing import Optional, Union
@@ -68,68 +66,40 @@ import torch
 from torch import Tensor, nn
 
 from lopa.assemble import AssembledInputs, assemble_inputs, left_align
-from lopa.encoders import InstanceEncoder, model_position_offset
-from lopa.modules import LoPAPrompt, PromptModule, PromptTuning, ULPTPrompt, prompt_from_config
+from lopa.encoders import resolve_encoder, saved_encoder, shares_model
+from lopa.hf import (
+    accepts,
+    base_model_info,
+    default_pooling,
+    detect_task,
+    encoder_dropout,
+    is_plain_embedding,
+    model_position_offset,
+    reads_last_position,
+)
+from lopa.modules import LoPAPrompt, PromptModule, PromptTuning, ULPTPrompt
+from lopa.saved import (
+    CONFIG_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    METHODS,
+    PEFT_TASK_TYPES,
+    WEIGHTS_NAME,
+    portable_name,
+    read_config,
+    read_prompt_folder,
+    read_weights,
+    write_peft_folder,
+    write_prompt_folder,
+)
 
 __all__ = ["PromptTunedModel", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "detect_task"]
 
-CONFIG_NAME = "lopa_config.json"
-WEIGHTS_NAME = "lopa_model.safetensors"
-FORMAT = "lopa"
-FORMAT_VERSION = 1
-METHODS = ("ulpt", "lopa", "pt")
-PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq_lm": "SEQ_2_SEQ_LM",
-                   "token_cls": "TOKEN_CLS"}
-
-
-def detect_task(model: nn.Module) -> str:
-    """``"causal_lm"``, ``"seq_cls"``, ``"masked_lm"``, ``"seq2seq_lm"``, ``"token_cls"`` or ``"other"``."""
-    config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        return "seq2seq_lm"
-    name = type(model).__name__
-    try:
-        from transformers.models.auto import modeling_auto as auto
-    except ImportError:  # pragma: no cover
-        auto = None
-    if auto is not None:
-        for task, mapping in (
-            ("causal_lm", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
-            ("seq_cls", auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
-            ("masked_lm", auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
-            ("token_cls", auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
-        ):
-            names = set()
-            for value in mapping.values():
-                names.update(value if isinstance(value, (tuple, list)) else (value,))
-            if name in names:
-                return task
-    for suffix, task in (("ForCausalLM", "causal_lm"), ("LMHeadModel", "causal_lm"),
-                         ("ForSequenceClassification", "seq_cls"), ("ForMaskedLM", "masked_lm"),
-                         ("ForTokenClassification", "token_cls")):
-        if name.endswith(suffix):
-            return task
-    return "other"
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params
-
-
-def _is_plain_embedding(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
-            and module.max_norm is None)
-
-
-def _hidden_size(config) -> Optional[int]:
-    for name in ("hidden_size", "d_model", "n_embd", "dim"):
-        if getattr(config, name, None):
-            return int(getattr(config, name))
-    return None
+# Names other modules imported from here before lopa.hf / lopa.saved existed.
+_accepts = accepts
+_default_pooling = default_pooling
+_is_plain_embedding = is_plain_embedding
+_REEXPORTED = (FORMAT, METHODS, PEFT_TASK_TYPES, read_config, read_weights, model_position_offset)
 
 
 class PromptTunedModel(nn.Module):
@@ -163,19 +133,8 @@ class PromptTunedModel(nn.Module):
 
         self.encoder_is_base = False
         if prompt.needs_encoder:
-            if encoder is None:
-                encoder = InstanceEncoder(base_model, pooling=_default_pooling(base_model))
-                self.encoder_is_base = True
-            elif not isinstance(encoder, InstanceEncoder):
-                if isinstance(encoder, nn.Module):
-                    encoder = InstanceEncoder(encoder, pooling=_default_pooling(encoder))
-                else:
-                    raise TypeError(
-                        "encoder must be a lopa.InstanceEncoder or a Hugging Face model, got "
-                        f"{type(encoder).__name__}"
-                    )
-            else:
-                self.encoder_is_base = encoder.model is base_model or encoder.backbone is getattr(base_model, "base_model", None)
+            encoder = resolve_encoder(encoder, base_model)
+            self.encoder_is_base = shares_model(encoder, base_model)
             if encoder.hidden_size != prompt.encoder_dim:
                 raise ValueError(
                     f"the encoder's hidden size is {encoder.hidden_size} but the LoPA prompt was built with "
@@ -191,10 +150,10 @@ class PromptTunedModel(nn.Module):
         self.task = detect_task(base_model)
         self.assembly_backend = assembly_backend
         enc_dec = bool(getattr(base_model.config, "is_encoder_decoder", False))
-        self._pass_positions = _accepts(base_model, "position_ids") and not enc_dec
+        self._pass_positions = accepts(base_model, "position_ids") and not enc_dec
         self._position = model_position_offset(base_model)
         if left_align is None:
-            left_align = self.task == "seq_cls" and hasattr(base_model, "score") and not hasattr(base_model, "classifier")
+            left_align = reads_last_position(base_model)
         self.left_align = bool(left_align)
         self._warned_position_ids = False
 
@@ -226,14 +185,9 @@ class PromptTunedModel(nn.Module):
             prompt = PromptTuning(num_tokens, dim, **prompt_kwargs)
             return cls(base_model, prompt, tokenizer=tokenizer)
         # LoPA
-        if encoder is None:
-            encoder = InstanceEncoder(base_model, pooling=pooling or _default_pooling(base_model), cache=encoder_cache)
-        elif isinstance(encoder, (str, os.PathLike)):
-            encoder = InstanceEncoder.from_pretrained(str(encoder), pooling=pooling or "cls", cache=encoder_cache)
-        elif not isinstance(encoder, InstanceEncoder):
-            encoder = InstanceEncoder(encoder, pooling=pooling or _default_pooling(encoder), cache=encoder_cache)
+        encoder = resolve_encoder(encoder, base_model, pooling=pooling, cache=encoder_cache)
         if "dropout" not in prompt_kwargs:
-            prompt_kwargs["dropout"] = _encoder_dropout(encoder.model)
+            prompt_kwargs["dropout"] = encoder_dropout(encoder.model)
         prompt = LoPAPrompt(num_tokens, dim, 4 if rank is None else rank, encoder.hidden_size, **prompt_kwargs)
         return cls(base_model, prompt, encoder, tokenizer=tokenizer)
 
@@ -303,7 +257,7 @@ class PromptTunedModel(nn.Module):
         source = self.prompt.prompt_source(pooled)
         embedding = self.base_model.get_input_embeddings()
         weight = embedding.weight
-        if inputs_embeds is None and input_ids is not None and not _is_plain_embedding(embedding):
+        if inputs_embeds is None and input_ids is not None and not is_plain_embedding(embedding):
             inputs_embeds, input_ids = embedding(input_ids), None  # scaled / custom embeddings
         offset, pad = self._position
         return assemble_inputs(weight if inputs_embeds is None else None, input_ids, attention_mask, source,
@@ -397,23 +351,23 @@ class PromptTunedModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------ save / load
-    def _base_info(self) -> dict:
-        config = self.base_model.config
-        weight = self.base_model.get_input_embeddings().weight
-        return dict(name_or_path=getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None),
-                    model_class=type(self.base_model).__name__, model_type=getattr(config, "model_type", None),
-                    embedding_dim=int(weight.shape[1]), vocab_size=int(weight.shape[0]))
+    def _base_info(self, directory=None) -> dict:
+        info = base_model_info(self.base_model)
+        if directory is not None:
+            info["name_or_path"] = portable_name(info["name_or_path"], directory)
+        return info
 
-    def lopa_config(self) -> dict:
-        """The JSON saved next to the weights."""
+    def _encoder_info(self, directory) -> Optional[dict]:
+        if self.encoder is None:
+            return None
+        info = dict(self.encoder.config(), shared_with_base=self.encoder_is_base)
+        info["name_or_path"] = "base" if self.encoder_is_base else portable_name(info["name_or_path"], directory)
+        return info
+
+    def lopa_config(self, directory=None) -> dict:
+        """The JSON saved next to the weights (names made portable relative to ``directory``)."""
         from lopa import __version__
 
-        state = self._prompt_state()
-        encoder = None
-        if self.encoder is not None:
-            encoder = dict(self.encoder.config(), shared_with_base=self.encoder_is_base)
-            if self.encoder_is_base:
-                encoder["name_or_path"] = "base"
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -422,9 +376,8 @@ class PromptTunedModel(nn.Module):
             "prompt": self.prompt.config(),
             "num_virtual_tokens": self.num_virtual_tokens,
             "task": self.task,
-            "base_model": self._base_info(),
-            "encoder": encoder,
-            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in state.items()},
+            "base_model": self._base_info(directory),
+            "encoder": self._encoder_info(directory),
         }
 
     def _prompt_state(self) -> dict:
@@ -432,19 +385,7 @@ class PromptTunedModel(nn.Module):
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
         """Write ``lopa_config.json`` and ``lopa_model.safetensors`` (the prompt only)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(save_directory, exist_ok=True)
-        state = {k: v.contiguous().cpu() for k, v in self._prompt_state().items()}
-        config = self.lopa_config()
-        meta = {"format": "pt", "lopa_format": FORMAT, "lopa_method": self.method,
-                "lopa_format_version": str(FORMAT_VERSION)}
-        weights_path = os.path.join(save_directory, WEIGHTS_NAME)
-        save_file(state, weights_path + ".tmp", metadata=meta)
-        os.replace(weights_path + ".tmp", weights_path)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
+        write_prompt_folder(save_directory, self.lopa_config(save_directory), self._prompt_state())
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], base_model: nn.Module, encoder=None, *,
@@ -453,51 +394,26 @@ class PromptTunedModel(nn.Module):
         """Load a prompt saved by :meth:`save_pretrained` onto ``base_model``.
 
         Everything is checked before the model is built (a bad file never gives a
-        half-loaded model): the config's format and ``method`` (against ``method=`` when
+        half-loaded model): the config's fields and ``method`` (against ``method=`` when
         given), the weights file's integrity and method, the tensor names and shapes, and
         the dimensions against ``base_model`` and the encoder.  LoPA needs its encoder:
         ``encoder=`` (an :class:`InstanceEncoder` or model), else the saved name is loaded
         when it is ``"base"`` or a local folder.
         """
-        config = read_config(directory)
-        if method is not None and method != config["method"]:
-            raise ValueError(f"{directory} holds a {config['method']!r} prompt but method={method!r} was requested")
-        state = read_weights(directory, config)
+        saved = read_prompt_folder(directory, method=method)
         if not hasattr(base_model, "get_input_embeddings"):
             raise TypeError(f"base_model must be a loaded Hugging Face model, got {type(base_model).__name__}")
         width = base_model.get_input_embeddings().weight.shape[1]
-        prompt_config = config["prompt"]
-        if prompt_config.get("dim") != width:
+        if saved.prompt["dim"] != width:
             raise ValueError(
-                f"{directory} holds a prompt of dim {prompt_config.get('dim')} (base model "
-                f"{config['base_model'].get('name_or_path')!r}) but {type(base_model).__name__}'s embeddings have width {width}"
+                f"{directory} holds a prompt of dim {saved.prompt['dim']} (base model "
+                f"{saved.base_model.get('name_or_path')!r}) but {type(base_model).__name__}'s embeddings have width {width}"
             )
-        try:
-            prompt = prompt_from_config(config["method"], prompt_config)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{directory}: invalid prompt config {prompt_config}: {exc}") from exc
-        expected = prompt.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{directory}/{WEIGHTS_NAME} does not match a {config['method']!r} prompt: missing {missing}, "
-                f"unexpected {unexpected}"
-            )
-        for key, tensor in state.items():
-            if tuple(tensor.shape) != tuple(expected[key].shape):
-                raise ValueError(
-                    f"{directory}/{WEIGHTS_NAME}: tensor {key!r} has shape {tuple(tensor.shape)} but the config "
-                    f"{prompt_config} needs {tuple(expected[key].shape)}"
-                )
-            if tensor.dtype != expected[key].dtype:
-                raise ValueError(f"{directory}/{WEIGHTS_NAME}: tensor {key!r} has dtype {tensor.dtype}, expected {expected[key].dtype}")
-        if config["method"] == "lopa":
-            encoder = _resolve_saved_encoder(config.get("encoder"), encoder, base_model, directory)
+        if saved.method == "lopa":
+            encoder = encoder if encoder is not None else saved_encoder(saved.encoder, base_model, saved.directory)
         elif encoder is not None:
-            raise ValueError(f"{directory} holds a {config['method']!r} prompt, which takes no encoder")
-        prompt.load_state_dict(state, strict=True)
-        model = cls(base_model, prompt, encoder, tokenizer=tokenizer, **kwargs)
+            raise ValueError(f"{directory} holds a {saved.method!r} prompt, which takes no encoder")
+        model = cls(base_model, saved.build(), encoder, tokenizer=tokenizer, **kwargs)
         if not is_trainable:
             model.prompt.requires_grad_(False)
             model.eval()
@@ -511,156 +427,20 @@ class PromptTunedModel(nn.Module):
         ``(m, d)`` float32.  PEFT places the prompt before the pads, so its outputs equal
         ours for unpadded or right-padded batches.
         """
-        from safetensors.torch import save_file
-
         if self.method == "lopa":
             raise ValueError(
                 "export_peft: LoPA's prompt depends on each input (Z_S ⊙ σ(u(x)v(x))); PEFT's PROMPT_TUNING holds "
                 "one fixed prompt. Export is available for 'ulpt' and 'pt'"
             )
-        task_type = PEFT_TASK_TYPES.get(self.task)
-        if task_type is None:
-            raise ValueError(
-                f"export_peft: PEFT has no prompt-tuning model for a {type(self.base_model).__name__} ({self.task}); "
-                f"supported: {', '.join(PEFT_TASK_TYPES)}"
-            )
         with torch.no_grad():
-            embeddings = self.prompt().detach().to(device="cpu", dtype=torch.float32).contiguous()
-        config = self.base_model.config
-        adapter_config = {
-            "peft_type": "PROMPT_TUNING",
-            "task_type": task_type,
-            "num_virtual_tokens": self.num_virtual_tokens,
-            "token_dim": int(embeddings.shape[1]),
-            "num_transformer_submodules": 1,
-            "num_attention_heads": getattr(config, "num_attention_heads", None),
-            "num_layers": getattr(config, "num_hidden_layers", None),
-            "prompt_tuning_init": "RANDOM",
-            "prompt_tuning_init_text": None,
-            "tokenizer_name_or_path": None,
-            "tokenizer_kwargs": None,
-            "base_model_name_or_path": self._base_info()["name_or_path"],
-            "inference_mode": True,
-            "revision": None,
-            "modules_to_save": None,
-        }
-        tensors = {"prompt_embeddings": embeddings}
+            embeddings = self.prompt().detach()
+        heads = {}
         if self.task in ("seq_cls", "token_cls"):
             # PEFT treats the classification head as a module to save and expects its
             # weights in the adapter (here: the base model's own, frozen head).
-            heads = [h for h in ("classifier", "score") if isinstance(getattr(self.base_model, h, None), nn.Module)]
-            adapter_config["modules_to_save"] = heads
-            for head in heads:
-                for key, value in getattr(self.base_model, head).state_dict().items():
-                    tensors[f"base_model.{head}.{key}"] = value.detach().cpu().contiguous()
-        os.makedirs(save_directory, exist_ok=True)
-        save_file(tensors, os.path.join(save_directory, "adapter_model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(save_directory, "adapter_config.json"), "w") as f:
-            json.dump(adapter_config, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-
-# ---------------------------------------------------------------------- helpers
-def _default_pooling(model: nn.Module) -> str:
-    task = detect_task(model)
-    if task in ("causal_lm",):
-        return "last"
-    config = getattr(model, "config", None)
-    if task == "seq_cls" and hasattr(model, "score") and not hasattr(model, "classifier"):
-        return "last"
-    # Encoders (BERT, RoBERTa, MiniLM) and encoder-decoders: the first token.
-    name = type(model).__name__
-    if any(k in name for k in ("GPT", "Llama", "Mistral", "Qwen", "Gemma", "Phi", "OPT", "Bloom", "Falcon")):
-        return "last"
-    if config is not None and getattr(config, "is_decoder", False):
-        return "last"
-    return "cls"
-
-
-def _encoder_dropout(model: nn.Module) -> float:
-    config = getattr(model, "config", None)
-    for name in ("hidden_dropout_prob", "hidden_dropout", "resid_pdrop", "dropout", "dropout_rate"):
-        value = getattr(config, name, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0:
-            return float(value)
-    return 0.1
-
-
-def read_config(directory) -> dict:
-    """Read and validate ``lopa_config.json``; clear errors for anything else."""
-    directory = os.fspath(directory)
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory} is not a directory with a saved lopa prompt")
-    if not os.path.isfile(path):
-        if os.path.isfile(os.path.join(directory, "adapter_config.json")):
-            raise ValueError(f"{directory} holds a PEFT adapter (adapter_config.json), not a lopa prompt; "
-                             "load it with peft.PeftModel.from_pretrained")
-        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a lopa prompt checkpoint")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a lopa prompt config (format {config.get('format') if isinstance(config, dict) else None!r})")
-    version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise ValueError(f"{path} has format_version {version!r}; this lopa reads versions 1..{FORMAT_VERSION}")
-    if config.get("method") not in METHODS:
-        raise ValueError(f"{path}: method must be one of {', '.join(map(repr, METHODS))}, got {config.get('method')!r}")
-    if not isinstance(config.get("prompt"), dict):
-        raise ValueError(f"{path}: missing the 'prompt' section")
-    return config
-
-
-def read_weights(directory, config: dict) -> dict:
-    """Load ``lopa_model.safetensors`` fully into memory, checking integrity and method."""
-    from safetensors import SafetensorError, safe_open
-
-    path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise ValueError(f"{path} is truncated or corrupt and cannot be read ({exc})") from exc
-    file_method = meta.get("lopa_method")
-    if meta.get("lopa_format") != FORMAT or file_method is None:
-        raise ValueError(f"{path} is not a lopa prompt file (no lopa metadata)")
-    if file_method != config["method"]:
-        raise ValueError(
-            f"{path} holds a {file_method!r} prompt but {CONFIG_NAME} says {config['method']!r}: "
-            "the files come from different checkpoints"
-        )
-    declared = config.get("tensors")
-    if isinstance(declared, dict):
-        for key, spec in declared.items():
-            if key not in state:
-                raise ValueError(f"{path} lacks tensor {key!r} listed in {CONFIG_NAME}")
-            if list(state[key].shape) != list(spec.get("shape", [])):
-                raise ValueError(f"{path}: tensor {key!r} has shape {list(state[key].shape)}, "
-                                 f"{CONFIG_NAME} says {spec.get('shape')}")
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{path}: tensor {key!r} has non-finite values")
-    return state
-
-
-def _resolve_saved_encoder(saved: Optional[dict], encoder, base_model, directory):
-    if encoder is not None:
-        return encoder
-    if not saved:
-        raise ValueError(f"{directory}: a LoPA checkpoint must name its encoder; pass encoder=")
-    name = saved.get("name_or_path")
-    pooling = saved.get("pooling", "cls")
-    if name == "base" or saved.get("shared_with_base"):
-        return InstanceEncoder(base_model, pooling=pooling)
-    if name and os.path.isdir(str(name)):
-        return InstanceEncoder.from_pretrained(str(name), pooling=pooling)
-    raise ValueError(
-        f"{directory} was trained with the encoder {name!r} ({saved.get('model_class')}, pooling {pooling!r}), "
-        "which is not a local folder: load it and pass encoder=lopa.InstanceEncoder(model, pooling=...)"
-    )
+            heads = {h: getattr(self.base_model, h).state_dict() for h in ("classifier", "score")
+                     if isinstance(getattr(self.base_model, h, None), nn.Module)}
+        config = self.base_model.config
+        write_peft_folder(save_directory, embeddings, task=self.task, base_model=self._base_info(),
+                          heads=heads, num_attention_heads=getattr(config, "num_attention_heads", None),
+                          num_layers=getattr(config, "num_hidden_layers", None))

@@ -130,7 +130,7 @@ def test_bad_configs_fail(tmp_path):
         lopa.PromptTunedModel.from_pretrained(tmp_path / "missing", tm.llama())
     (tmp_path / "peft").mkdir()
     (tmp_path / "peft" / "adapter_config.json").write_text("{}")
-    with pytest.raises(ValueError, match="PEFT adapter"):
+    with pytest.raises(ValueError, match="peft_type is None; lopa imports PEFT PROMPT_TUNING adapters only"):
         lopa.PromptTunedModel.from_pretrained(tmp_path / "peft", tm.llama())
     path = _saved(tmp_path)
     config = json.loads((path / CONFIG_NAME).read_text())
