@@ -65,6 +65,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from lopa._validation import INT_DTYPES, require_float_dtype, require_ndim, require_size, require_tensor, shape_str
 from lopa.assemble import AssembledInputs, assemble_inputs, left_align
 from lopa.encoders import resolve_encoder, saved_encoder, shares_model
 from lopa.hf import (
@@ -74,6 +75,7 @@ from lopa.hf import (
     detect_task,
     encoder_dropout,
     is_plain_embedding,
+    length_limit,
     model_position_offset,
     reads_last_position,
 )
@@ -100,6 +102,32 @@ _accepts = accepts
 _default_pooling = default_pooling
 _is_plain_embedding = is_plain_embedding
 _REEXPORTED = (FORMAT, METHODS, PEFT_TASK_TYPES, read_config, read_weights, model_position_offset)
+
+# Tasks whose labels are one per input token (the prompt positions get -100).
+TOKEN_LEVEL_TASKS = ("causal_lm", "masked_lm", "token_cls")
+
+
+def _require_integer(name: str, t: Tensor) -> None:
+    if t.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+
+
+def _require_device(name: str, t: Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the model is on {device}; move it there first")
+
+
+def _require_shape(name: str, t, shape: tuple, what: str) -> None:
+    require_tensor(name, t)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have {what} {tuple(shape)}, got {shape_str(t)}")
+
+
+def _require_ids_in_range(name: str, ids: Tensor, size: int, what: str) -> None:
+    lo, hi = (int(v) for v in torch.aminmax(ids))
+    if lo < 0 or hi >= size:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"{name} contains {bad}, outside {what}'s {size} rows (valid ids: 0..{size - 1})")
 
 
 class PromptTunedModel(nn.Module):
@@ -226,17 +254,129 @@ class PromptTunedModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
+    # ------------------------------------------------------------------ input checks
+    def _check_inputs(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, labels=None,
+                      token_type_ids=None, pooled=None, encoder_input_ids=None, encoder_attention_mask=None,
+                      example_ids=None) -> None:
+        """Check every input before anything runs (the LoPA encoder included): clear errors, not
+        torch's internals."""
+        embedding = self.base_model.get_input_embeddings()
+        weight = embedding.weight
+        if input_ids is not None:
+            require_tensor("input_ids", input_ids)
+            require_ndim("input_ids", input_ids, (2,), "(B, L)")
+            _require_integer("input_ids", input_ids)
+            _require_device("input_ids", input_ids, weight.device)
+            batch, length = input_ids.shape
+        elif inputs_embeds is not None:
+            require_tensor("inputs_embeds", inputs_embeds)
+            require_ndim("inputs_embeds", inputs_embeds, (3,), "(B, L, d)")
+            require_float_dtype("inputs_embeds", inputs_embeds)
+            require_size("inputs_embeds", inputs_embeds, 2, weight.shape[1], "the model's embedding width")
+            _require_device("inputs_embeds", inputs_embeds, weight.device)
+            batch, length = inputs_embeds.shape[:2]
+        else:
+            raise ValueError("forward() needs input_ids (B, L) or inputs_embeds (B, L, d)")
+        if batch == 0 or length == 0:
+            raise ValueError(f"the batch is empty: input of shape (B, L) = ({batch}, {length}); "
+                             "pass at least one row of at least one token")
+        self._check_length(length)
+        tokens = (batch, length)
+        if attention_mask is not None:
+            _require_shape("attention_mask", attention_mask, tokens, "the shape of input_ids")
+            _require_device("attention_mask", attention_mask, weight.device)
+        if token_type_ids is not None:
+            _require_shape("token_type_ids", token_type_ids, tokens, "the shape of input_ids")
+            _require_integer("token_type_ids", token_type_ids)
+        if labels is not None:
+            self._check_labels(labels, batch, length)
+        if self.prompt.needs_encoder:
+            self._check_encoder_inputs(input_ids, batch, pooled, encoder_input_ids, encoder_attention_mask,
+                                       example_ids)
+        if input_ids is not None and not is_plain_embedding(embedding):
+            _require_ids_in_range("input_ids", input_ids, weight.shape[0], "the embedding table")
+
+    def _check_length(self, length: int) -> None:
+        limit = length_limit(self.base_model)
+        m = self.num_virtual_tokens
+        if limit is not None and length + m > limit:
+            raise ValueError(
+                f"the input has {length} tokens and the prompt {m} rows: {length + m} positions, over "
+                f"{type(self.base_model).__name__}'s limit of {limit} (its position table); truncate the input "
+                f"to at most {max(limit - m, 0)} tokens"
+            )
+
+    def _check_labels(self, labels, batch: int, length: int) -> None:
+        require_tensor("labels", labels)
+        _require_device("labels", labels, self.base_model.get_input_embeddings().weight.device)
+        if labels.dim() == 0 or labels.shape[0] != batch:
+            raise ValueError(f"labels must have one entry per row ({batch}), got shape {shape_str(labels)}")
+        if self.task not in TOKEN_LEVEL_TASKS:
+            return
+        m = self.num_virtual_tokens
+        if tuple(labels.shape) == (batch, length + m):
+            raise ValueError(
+                f"labels has shape {shape_str(labels)} = (B, m + L): pass labels for the input tokens only, shape "
+                f"(B, L) = ({batch}, {length}); lopa puts -100 at the {m} prompt positions itself"
+            )
+        if tuple(labels.shape) != (batch, length):
+            raise ValueError(f"labels must have the shape of input_ids ({batch}, {length}) for a {self.task} model, "
+                             f"got {shape_str(labels)}")
+        _require_integer("labels", labels)
+
+    def _check_encoder_inputs(self, input_ids, batch: int, pooled, encoder_input_ids, encoder_attention_mask,
+                              example_ids) -> None:
+        if pooled is not None:
+            require_tensor("pooled", pooled)
+            h = self.prompt.encoder_dim
+            if pooled.dim() != 2 or tuple(pooled.shape) != (batch, h):
+                raise ValueError(f"pooled must have shape (B, {h}) with B = {batch} (one encoder vector per row), "
+                                 f"got {shape_str(pooled)}")
+            require_float_dtype("pooled", pooled)
+            _require_device("pooled", pooled, self.prompt.zs.device)
+            return
+        if example_ids is not None and len(example_ids) != batch:
+            raise ValueError(f"example_ids must have one entry per row ({batch}), got {len(example_ids)}")
+        encoder_device = next(self.encoder.model.parameters()).device
+        if encoder_input_ids is None:
+            if input_ids is None:
+                raise ValueError("LoPA needs the encoder's input: pass encoder_input_ids (or input_ids) or pooled=")
+            _require_ids_in_range("input_ids", input_ids, self.base_model.get_input_embeddings().weight.shape[0],
+                                  "the embedding table")
+            return
+        require_tensor("encoder_input_ids", encoder_input_ids)
+        require_ndim("encoder_input_ids", encoder_input_ids, (2,), "(B, L_enc)")
+        _require_integer("encoder_input_ids", encoder_input_ids)
+        _require_device("encoder_input_ids", encoder_input_ids, encoder_device)
+        if encoder_input_ids.shape[0] != batch or encoder_input_ids.shape[1] == 0:
+            raise ValueError(f"encoder_input_ids must have shape ({batch}, L_enc) with L_enc >= 1 (one row per "
+                             f"input row), got {shape_str(encoder_input_ids)}")
+        if encoder_attention_mask is not None:
+            _require_shape("encoder_attention_mask", encoder_attention_mask, tuple(encoder_input_ids.shape),
+                           "the shape of encoder_input_ids")
+            _require_device("encoder_attention_mask", encoder_attention_mask, encoder_device)
+        vocab = self.encoder.vocab_size
+        if vocab is not None:
+            _require_ids_in_range("encoder_input_ids", encoder_input_ids, vocab, "the encoder's vocabulary")
+
     # ------------------------------------------------------------------ inputs
     def instance_vectors(self, input_ids=None, attention_mask=None, *, pooled=None, encoder_input_ids=None,
                          encoder_attention_mask=None, example_ids=None) -> Optional[Tensor]:
         """LoPA's pooled encoder vectors ``(B, h)`` (``None`` for ULPT / PT)."""
         if not self.prompt.needs_encoder:
             return None
+        self._check_inputs(input_ids, attention_mask, pooled=pooled, encoder_input_ids=encoder_input_ids,
+                           encoder_attention_mask=encoder_attention_mask, example_ids=example_ids)
+        return self._instance_vectors(input_ids, attention_mask, pooled, encoder_input_ids, encoder_attention_mask,
+                                      example_ids)
+
+    def _instance_vectors(self, input_ids, attention_mask, pooled, encoder_input_ids, encoder_attention_mask,
+                          example_ids) -> Optional[Tensor]:
+        if not self.prompt.needs_encoder:
+            return None
         if pooled is not None:
             return pooled
         if encoder_input_ids is None:
-            if input_ids is None:
-                raise ValueError("LoPA needs the encoder's input: pass encoder_input_ids (or input_ids) or pooled=")
             if not self.encoder_is_base and self.encoder.vocab_size != getattr(self.base_model.config, "vocab_size", None):
                 raise ValueError(
                     "the LoPA encoder has its own vocabulary: pass encoder_input_ids / encoder_attention_mask "
@@ -252,8 +392,14 @@ class PromptTunedModel(nn.Module):
     def build_inputs(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, pooled=None,
                      encoder_input_ids=None, encoder_attention_mask=None, example_ids=None) -> AssembledInputs:
         """Assemble ``inputs_embeds`` / ``attention_mask`` / ``position_ids`` with the prompt in place."""
-        pooled = self.instance_vectors(input_ids, attention_mask, pooled=pooled, encoder_input_ids=encoder_input_ids,
-                                       encoder_attention_mask=encoder_attention_mask, example_ids=example_ids)
+        self._check_inputs(input_ids, attention_mask, inputs_embeds=inputs_embeds, pooled=pooled,
+                           encoder_input_ids=encoder_input_ids, encoder_attention_mask=encoder_attention_mask,
+                           example_ids=example_ids)
+        pooled = self._instance_vectors(input_ids, attention_mask, pooled, encoder_input_ids, encoder_attention_mask,
+                                        example_ids)
+        return self._assemble(input_ids, attention_mask, inputs_embeds, pooled)
+
+    def _assemble(self, input_ids, attention_mask, inputs_embeds, pooled) -> AssembledInputs:
         source = self.prompt.prompt_source(pooled)
         embedding = self.base_model.get_input_embeddings()
         weight = embedding.weight
@@ -274,10 +420,11 @@ class PromptTunedModel(nn.Module):
             warnings.warn("PromptTunedModel computes position_ids itself (over real tokens); the ones passed are ignored",
                           stacklevel=2)
             self._warned_position_ids = True
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("forward() needs input_ids (B, L) or inputs_embeds (B, L, d)")
-        pooled = self.instance_vectors(input_ids, attention_mask, pooled=pooled, encoder_input_ids=encoder_input_ids,
-                                       encoder_attention_mask=encoder_attention_mask, example_ids=example_ids)
+        self._check_inputs(input_ids, attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                           token_type_ids=token_type_ids, pooled=pooled, encoder_input_ids=encoder_input_ids,
+                           encoder_attention_mask=encoder_attention_mask, example_ids=example_ids)
+        pooled = self._instance_vectors(input_ids, attention_mask, pooled, encoder_input_ids, encoder_attention_mask,
+                                        example_ids)
         seq2seq = self.task == "seq2seq_lm"
         per_token_labels = (labels is not None and not seq2seq and labels.dim() == 2
                             and tuple(labels.shape) == tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2]))
@@ -285,7 +432,7 @@ class PromptTunedModel(nn.Module):
             attention_mask, input_ids, inputs_embeds, token_type_ids, moved_labels = left_align(
                 attention_mask, input_ids, inputs_embeds, token_type_ids, labels if per_token_labels else None)
             labels = moved_labels if per_token_labels else labels
-        asm = self.build_inputs(input_ids, attention_mask, inputs_embeds=inputs_embeds, pooled=pooled)
+        asm = self._assemble(input_ids, attention_mask, inputs_embeds, pooled)
         model_kwargs = dict(kwargs)
         model_kwargs["inputs_embeds"] = asm.inputs_embeds
         model_kwargs["attention_mask"] = asm.attention_mask
@@ -327,8 +474,10 @@ class PromptTunedModel(nn.Module):
         """
         if input_ids is None:
             raise ValueError("generate() needs input_ids (B, L)")
-        pooled = self.instance_vectors(input_ids, attention_mask, pooled=pooled, encoder_input_ids=encoder_input_ids,
-                                       encoder_attention_mask=encoder_attention_mask, example_ids=example_ids)
+        self._check_inputs(input_ids, attention_mask, pooled=pooled, encoder_input_ids=encoder_input_ids,
+                           encoder_attention_mask=encoder_attention_mask, example_ids=example_ids)
+        pooled = self._instance_vectors(input_ids, attention_mask, pooled, encoder_input_ids, encoder_attention_mask,
+                                        example_ids)
         seq2seq = self.task == "seq2seq_lm"
         if not seq2seq and attention_mask is not None:
             aligned = left_align(attention_mask, input_ids)
@@ -336,7 +485,7 @@ class PromptTunedModel(nn.Module):
                 warnings.warn("generate() needs left padding: right-padded rows were left-aligned "
                               "(set tokenizer.padding_side = 'left')", stacklevel=2)
                 attention_mask, input_ids = aligned
-        asm = self.build_inputs(input_ids, attention_mask, pooled=pooled)
+        asm = self._assemble(input_ids, attention_mask, None, pooled)
         out = self.base_model.generate(inputs_embeds=asm.inputs_embeds, attention_mask=asm.attention_mask, **kwargs)
         if seq2seq:
             return out
