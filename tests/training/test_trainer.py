@@ -162,7 +162,8 @@ def test_best_checkpoint_is_the_best_validation(tiny_assets, tmp_path):
     trainer, model = _trainer(tiny_assets, fresh, "lora", tmp_path, max_steps=12, eval_every=3, lr=3e-2)
     summary = trainer.train()
     evals = [r for r in ckpt.read_jsonl(tmp_path / METRICS) if r["split"] == "validation"]
-    best = max(evals, key=lambda r: r["accuracy"])  # first maximum wins ties
+    top = max(r["accuracy"] for r in evals)
+    best = min((r for r in evals if r["accuracy"] == top), key=lambda r: r["loss"])  # a tie goes to the lower loss
     saved = ckpt.load(tmp_path / BEST)
     assert saved["step"] == best["step"] == summary["best_step"]
     assert summary["best_accuracy"] == best["accuracy"]
