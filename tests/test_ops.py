@@ -213,3 +213,64 @@ def test_large_banks_on_gpu(r):
     assert_matches_reference(e, want, torch.float32, "ulpt out")
     for name, a, b in zip(("z", "proj", "scale", "shift"), (z, proj, scale, shift), refs):
         assert_matches_reference(a.grad, b.grad, torch.float32, f"ulpt grad {name}", tolerance=1e-5)
+
+
+# ----------------------------------------------------------------------------- hardening
+def assert_matches_with_infinities(out, ref, dtype, name):
+    """Like assert_matches_reference, but NaN and +-inf must sit at the same places with the
+    same signs; the finite elements are then compared by relative error."""
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.equal(torch.isnan(o), torch.isnan(r)), f"{name}: NaN at {torch.isnan(o).nonzero().tolist()}, reference at {torch.isnan(r).nonzero().tolist()}"
+    inf = torch.isinf(r)
+    assert torch.equal(torch.isinf(o), inf) and torch.equal(o[inf], r[inf]), f"{name}: infinities differ"
+    finite = torch.isfinite(r)
+    assert_matches_reference(out.detach()[finite.to(out.device)], r[finite], dtype, name)
+
+
+def _gate_with_inf(where):
+    """m = 7, d = 13: every Triton tile has masked rows and columns.  An inf in v (u) saturates
+    a whole column (row) of gates, so the gradient that sums over it is exactly 0."""
+    g = torch.Generator().manual_seed(12)
+    zs, u, v = (randn(s, torch.float64, "cpu", g) for s in ((7, 13), (2, 7, 2), (2, 2, 13)))
+    if where == "v":
+        v[0, 1, 5] = float("inf")
+    else:
+        u[1, 3, 0] = float("-inf")
+    return zs, u, v
+
+
+@pytest.mark.parametrize("where", ["v", "u"])
+def test_gate_inf_input_near_tile_edges(backend, device, where):
+    ins64 = [t.requires_grad_() for t in _gate_with_inf(where)]
+    grad = torch.rand(2, 7, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(13)) + 0.5
+    want = lopa.gated_lowrank_prompt(*ins64, backend="reference")
+    want_grads = torch.autograd.grad(want, ins64, grad)
+    ins = [t.detach().float().to(device).requires_grad_() for t in ins64]
+    with poisoned_outputs():
+        out = lopa.gated_lowrank_prompt(*ins, backend=backend)
+        grads = torch.autograd.grad(out, ins, grad.float().to(device))
+    assert_matches_with_infinities(out, want, torch.float32, "out")
+    for name, a, b in zip(("zs", "u", "v"), grads, want_grads):
+        assert_matches_with_infinities(a, b, torch.float32, f"grad {name}")
+
+
+@pytest.mark.parametrize("where", ["proj", "scale"])
+def test_ulpt_inf_input_near_tile_edges(backend, device, where):
+    """n = 3, d = 13 with positive z and upstream gradient: the float64 sums over the column
+    holding the inf are +inf, never inf - inf; padding lanes must not turn them into NaN."""
+    g = torch.Generator().manual_seed(14)
+    z = torch.rand(3, 2, dtype=torch.float64, generator=g) + 0.5
+    proj, scale, shift = (randn(s, torch.float64, "cpu", g) for s in ((2, 13), (13,), (13,)))
+    (proj if where == "proj" else scale)[..., 5] = float("inf")
+    scale[5] = abs(scale[5])
+    ins64 = [t.requires_grad_() for t in (z, proj, scale, shift)]
+    grad = torch.rand(3, 13, dtype=torch.float64, generator=g) + 0.5
+    want = lopa.ulpt_prompt(*ins64, backend="reference")
+    want_grads = torch.autograd.grad(want, ins64, grad)
+    ins = [t.detach().float().to(device).requires_grad_() for t in ins64]
+    with poisoned_outputs():
+        out = lopa.ulpt_prompt(*ins, backend=backend)
+        grads = torch.autograd.grad(out, ins, grad.float().to(device))
+    assert_matches_with_infinities(out, want, torch.float32, "out")
+    for name, a, b in zip(("z", "proj", "scale", "shift"), grads, want_grads):
+        assert_matches_with_infinities(a, b, torch.float32, f"grad {name}")

@@ -82,7 +82,11 @@ def low_rank_tile(
     a_ptr, s_am, s_ar, b_ptr, s_br, s_bd, offs_m, offs_d, mask_m, mask_d, R,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_D) tile of A @ B for A (M, R), B (R, D) of any strides, in float32."""
+    """One (BLOCK_M, BLOCK_D) tile of A @ B for A (M, R), B (R, D) of any strides, in float32.
+
+    Lanes outside the (M, D) mask are exactly 0: an inf in A or B would otherwise make
+    them ``inf * 0 = NaN`` there, and a NaN in a padding lane leaks into every reduction
+    over the tile."""
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if USE_DOT:
         for k0 in range(0, R, BLOCK_R):
@@ -98,7 +102,7 @@ def low_rank_tile(
             a = tl.load(a_ptr + offs_m * s_am + k * s_ar, mask=mask_m, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + k * s_br + offs_d * s_bd, mask=mask_d, other=0.0).to(tl.float32)
             acc += a[:, None] * b[None, :]
-    return acc
+    return tl.where(mask_m[:, None] & mask_d[None, :], acc, 0.0)
 
 
 @triton.jit
@@ -109,7 +113,11 @@ def low_rank_grads(
     NEED_A: tl.constexpr, NEED_B: tl.constexpr, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     """Given the gradient tile ``h`` of A @ B, store this tile's share of dA = h B^T (summed
-    over the tile's columns) and of dB = A^T h (summed over the tile's rows)."""
+    over the tile's columns) and of dB = A^T h (summed over the tile's rows).
+
+    ``h`` is zeroed outside the (M, D) mask first, so padding lanes add exactly nothing
+    (not ``0 * inf``) to either sum."""
+    h = tl.where(mask_m[:, None] & mask_d[None, :], h, 0.0)
     if USE_DOT:
         for k0 in range(0, R, BLOCK_R):
             offs_r = k0 + tl.arange(0, BLOCK_R)

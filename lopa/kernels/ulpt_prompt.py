@@ -95,6 +95,7 @@ def _ulpt_bwd_kernel(
         g += tl.load(g_ptr + b * s_gb + offs_n[:, None] * s_gn + offs_d[None, :] * s_gd,
                      mask=mask, other=0.0).to(tl.float32)
     vec = (j * n_nt + pid_n) * D + offs_d
+    g = tl.where(mask, g, 0.0)  # padding lanes add exactly nothing to the sums below
     if NEED_SHIFT:
         tl.store(dshift_part_ptr + vec, tl.sum(g, axis=0), mask=mask_d)
     z_task = z_ptr + t * s_zt
