@@ -1,10 +1,15 @@
 """Every backend of both ops against the float64 reference: forward and every gradient."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import lopa
 from lopa import reference
 from lopa.testing import assert_matches_reference, poisoned_outputs, randn
+from conftest import backend_device, skip_unless_runnable
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -227,6 +232,56 @@ def assert_matches_with_infinities(out, ref, dtype, name):
     assert_matches_reference(out.detach()[finite.to(out.device)], r[finite], dtype, name)
 
 
+def _strided_ids(device):
+    """An int64 column view t[:, 0] (stride 2) and an expanded id (stride 0)."""
+    table = torch.tensor([[2, 0], [0, 1], [1, 1], [2, 0], [2, 2]], device=device)
+    return {"column-view": table[:, 0], "expanded": torch.tensor([1], device=device).expand(5)}
+
+
+def run_isolated(function, *args, timeout=600):
+    """Run ``function(*args)`` (defined in a tests/ module) in a fresh interpreter, so that a
+    crash (an out-of-bounds read can segfault) fails this test instead of the whole session."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    module = function.__module__
+    code = f"import sys; sys.path.insert(0, {tests!r}); import {module}; {module}.{function.__name__}(*{args!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{function.__name__}{args} exited with {done.returncode}:\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+def test_task_id_views_and_offsets_past_int32(backend, tmp_path):
+    """Views that read past their storage, or at offsets that overflow int32, crashed the
+    Triton kernels: run in one fresh interpreter per backend."""
+    run_isolated(check_risky_views, backend, str(tmp_path / "sparse.bin"))
+
+
+def check_risky_views(backend, path):
+    for kind in ("column-view", "expanded"):
+        check_task_id_views(backend, kind)
+    for op in ("gated", "ulpt"):
+        check_wide_views(backend, op, path)
+
+
+def check_task_id_views(backend, kind):
+    device = backend_device(backend)
+    ids = _strided_ids(device)[kind]
+    assert not ids.is_contiguous()
+    g = torch.Generator().manual_seed(11)
+    zs, u, v = (randn(s, torch.float32, device, g).requires_grad_() for s in ((3, 5, 19), (5, 5, 2), (5, 2, 19)))
+    z, scale, shift = (randn(s, torch.float32, device, g).requires_grad_() for s in ((3, 4, 2), (3, 19), (3, 19)))
+    proj = randn((2, 19), torch.float32, device, g)
+    dense = ids.contiguous()
+    for op, args in ((lopa.gated_lowrank_prompt, (zs, u, v)), (lopa.ulpt_prompt, (z, proj, scale, shift))):
+        out = op(*args, ids, backend=backend)
+        grad = randn(out.shape, torch.float32, device, g)
+        got = torch.autograd.grad(out, [a for a in args if a.requires_grad], grad)
+        want_out = op(*args, dense, backend="reference")
+        want = torch.autograd.grad(want_out, [a for a in args if a.requires_grad], grad)
+        assert_matches_reference(out, want_out, torch.float32, f"{op.__name__} out")
+        for a, b in zip(got, want):
+            assert_matches_reference(a, b, torch.float32, f"{op.__name__} grad")
+
+
 def _gate_with_inf(where):
     """m = 7, d = 13: every Triton tile has masked rows and columns.  An inf in v (u) saturates
     a whole column (row) of gates, so the gradient that sums over it is exactly 0."""
@@ -274,3 +329,98 @@ def test_ulpt_inf_input_near_tile_edges(backend, device, where):
     assert_matches_with_infinities(out, want, torch.float32, "out")
     for name, a, b in zip(("z", "proj", "scale", "shift"), grads, want_grads):
         assert_matches_with_infinities(a, b, torch.float32, f"grad {name}")
+
+
+# Views whose element offsets pass 2^31 without 8 GB of memory: a sparse file mapped into
+# memory backs them, and only the pages the ops touch are ever materialised.
+WIDE_STRIDE = 2**30
+
+
+def _wide_view(storage, base, shape, strides, g):
+    view = storage.as_strided(shape, strides, base)
+    view.copy_(torch.randn(shape, generator=g))
+    return view
+
+
+def _wide_storage(path, elements):
+    with open(path, "wb") as f:
+        f.truncate(elements * 4)
+    return torch.from_file(path, shared=True, size=elements, dtype=torch.float32)
+
+
+def check_wide_views(backend, op, path):
+    """Every input and the upstream gradient indexed past 2^31 along their middle dimension."""
+    g = torch.Generator().manual_seed(15)
+    storage = _wide_storage(path, 3 * WIDE_STRIDE + 64 * 8)
+    W = WIDE_STRIDE
+
+    def view(k, shape, strides):  # the k-th view starts at its own offset inside the storage
+        return _wide_view(storage, 64 * k, shape, strides, g)
+
+    if op == "gated":  # zs (1, m, d), u (B, m, r), v (B, r, d), grad (B, m, d): m = r = 3
+        ins = [view(0, (1, 3, 5), (5, W, 1)), view(1, (2, 3, 3), (3, W, 1)), view(2, (2, 3, 5), (5, W, 1))]
+        grad = view(3, (2, 3, 5), (5, W, 1))
+        fn = lopa.gated_lowrank_prompt
+        ids = torch.tensor([0, 0])
+    else:  # z (T, n, r), proj (r, d), scale/shift (T, d), grad (B, n, d)
+        ins = [view(0, (2, 3, 3), (3, W, 1)), view(1, (3, 5), (W, 1)), view(2, (2, 5), (W, 1)), view(3, (2, 5), (W, 1))]
+        grad = view(4, (3, 3, 5), (5, W, 1))
+        fn = lopa.ulpt_prompt
+        ids = torch.tensor([1, 0, 1])
+    leaves = [t.requires_grad_() for t in ins]
+    out = fn(*leaves, ids, backend=backend)
+    got = torch.autograd.grad(out, leaves, grad)
+    refs = [t.detach().double().requires_grad_() for t in ins]
+    want = fn(*refs, ids, backend="reference")
+    want_grads = torch.autograd.grad(want, refs, grad.double())
+    assert_matches_reference(out, want, torch.float32, "out")
+    for a, b in zip(got, want_grads):
+        assert_matches_reference(a, b, torch.float32, "grad")
+
+
+def test_triton_flags_out_of_range_task_ids():
+    """Where the host range check is skipped (a direct op call, torch.compile), ids outside
+    the bank must never be read: their rows come out NaN and every other row is right."""
+    skip_unless_runnable("triton")
+    run_isolated(check_triton_out_of_range_ids)
+
+
+def _triton_ops():
+    from lopa.kernels import gated_prompt, ulpt_prompt  # noqa: F401  (registers the ops)
+
+    return torch.ops.lopa_triton
+
+
+def check_triton_out_of_range_ids():
+    device = backend_device("triton")
+    ops = _triton_ops()
+    g = torch.Generator().manual_seed(16)
+    zs, u, v = (randn(s, torch.float32, device, g) for s in ((2, 5, 19), (5, 5, 2), (5, 2, 19)))
+    z, scale, shift = (randn(s, torch.float32, device, g) for s in ((2, 4, 2), (2, 19), (2, 19)))
+    proj = randn((2, 19), torch.float32, device, g)
+    for bad in (10**6, -5, 10**11):
+        ids = torch.tensor([0, bad, 1, 1, bad], device=device)
+        good, flagged = torch.tensor([0, 2, 3]), torch.tensor([1, 4])
+        safe = ids.clamp(0, 1)
+        out = ops.gated_prompt_fwd(zs, u, v, ids)
+        _check_flagged_rows(out, reference.gated_prompt(zs, u, v, safe), good, flagged)
+        grad = randn(out.shape, torch.float32, device, g)
+        dzs, du, dv = ops.gated_prompt_bwd(grad, zs, u, v, ids, True, True, True)
+        _, want_du, want_dv = reference.gated_prompt_backward(grad, zs, u, v, safe)
+        _check_flagged_rows(du, want_du, good, flagged)
+        _check_flagged_rows(dv, want_dv, good, flagged)
+        assert torch.isnan(dzs).any()
+        out = ops.ulpt_fwd(z, proj, scale, shift, ids)
+        _check_flagged_rows(out, reference.ulpt_prompt(z, proj, scale, shift, safe), good, flagged)
+        grads = ops.ulpt_bwd(grad[:, :4], z, proj, scale, ids, True, True, True, True)
+        assert all(torch.isnan(t).any() for t in grads)  # a flagged row feeds every gradient
+
+        compiled = torch.compile(lambda *a: lopa.gated_lowrank_prompt(*a, backend="triton"), fullgraph=True,
+                                 backend="aot_eager" if device.type == "cpu" else "inductor")
+        out = compiled(zs, u, v, ids)
+        _check_flagged_rows(out, reference.gated_prompt(zs, u, v, safe), good, flagged)
+
+
+def _check_flagged_rows(got, want, good, flagged):
+    assert torch.isnan(got[flagged.to(got.device)]).all()
+    assert_matches_reference(got[good.to(got.device)], want[good.to(want.device)], torch.float32, "valid rows")

@@ -48,19 +48,21 @@ def _cases():
         fwd, bwd = _shared.forward_tiles_for(32, 2048, rank), _shared.tiles_for(32, 2048, rank)
         for data in ("*fp32", "*bf16"):
             for ids in (False, True):
-                yield gated_prompt._gated_fwd_kernel, _signature, data, dict(
-                    HAS_IDS=ids, BLOCK_M=fwd.m, BLOCK_D=fwd.d, BLOCK_R=fwd.r, USE_DOT=fwd.use_dot)
-                yield ulpt_prompt._ulpt_fwd_kernel, _signature, data, dict(
-                    HAS_IDS=ids, BLOCK_N=fwd.m, BLOCK_D=fwd.d, BLOCK_R=fwd.r, USE_DOT=fwd.use_dot)
-                if data == "*bf16" and not ids:
-                    continue  # the backward's dtype handling is covered by the other cases
-                for needs in ((True, True, True),) if ids else ((False, True, False),):
-                    yield gated_prompt._gated_bwd_kernel, _signature, data, dict(
-                        HAS_IDS=ids, NEED_ZS=needs[0], NEED_U=needs[1], NEED_V=needs[2],
-                        BLOCK_M=bwd.m, BLOCK_D=bwd.d, BLOCK_R=bwd.r, USE_DOT=bwd.use_dot)
-                    yield ulpt_prompt._ulpt_bwd_kernel, _signature, data, dict(
-                        HAS_IDS=ids, NEED_Z=needs[1], NEED_P=needs[0], NEED_SCALE=True, NEED_SHIFT=needs[2],
-                        BLOCK_N=bwd.m, BLOCK_D=bwd.d, BLOCK_R=bwd.r, USE_DOT=bwd.use_dot)
+                # int64 offsets (WIDE) once per kernel and rank, with task ids and float32 data
+                for wide in (False, True) if ids and data == "*fp32" else (False,):
+                    yield gated_prompt._gated_fwd_kernel, _signature, data, dict(
+                        HAS_IDS=ids, BLOCK_M=fwd.m, BLOCK_D=fwd.d, BLOCK_R=fwd.r, USE_DOT=fwd.use_dot, WIDE=wide)
+                    yield ulpt_prompt._ulpt_fwd_kernel, _signature, data, dict(
+                        HAS_IDS=ids, BLOCK_N=fwd.m, BLOCK_D=fwd.d, BLOCK_R=fwd.r, USE_DOT=fwd.use_dot, WIDE=wide)
+                    if data == "*bf16" and not ids:
+                        continue  # the backward's dtype handling is covered by the other cases
+                    for needs in ((True, True, True),) if ids else ((False, True, False),):
+                        yield gated_prompt._gated_bwd_kernel, _signature, data, dict(
+                            HAS_IDS=ids, NEED_ZS=needs[0], NEED_U=needs[1], NEED_V=needs[2],
+                            BLOCK_M=bwd.m, BLOCK_D=bwd.d, BLOCK_R=bwd.r, USE_DOT=bwd.use_dot, WIDE=wide)
+                        yield ulpt_prompt._ulpt_bwd_kernel, _signature, data, dict(
+                            HAS_IDS=ids, NEED_Z=needs[1], NEED_P=needs[0], NEED_SCALE=True, NEED_SHIFT=needs[2],
+                            BLOCK_N=bwd.m, BLOCK_D=bwd.d, BLOCK_R=bwd.r, USE_DOT=bwd.use_dot, WIDE=wide)
     yield _shared._segment_sum_kernel, _signature, "*fp32", dict(BLOCK=1024)
     for out in ("*bf16", "*fp32"):  # prompt parameters stay float32 under a bfloat16 model
         yield assemble._assemble_kernel, _signature, "*fp32", dict(BLOCK_D=512), out

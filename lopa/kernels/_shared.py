@@ -24,6 +24,9 @@ MAX_BLOCK_R = 32
 # GPU, few enough that the per-chunk partials stay small next to the gradient itself.
 TARGET_PROGRAMS = 512
 MIN_CHUNK_ROWS = 4
+# Element offsets from here on do not fit the int32 arithmetic Triton uses for small
+# integer arguments; launches that can reach them index in int64 (see wide_offsets).
+INT32_OFFSET_LIMIT = 2**31
 
 
 def next_pow2(x: int) -> int:
@@ -35,6 +38,24 @@ def rank_block(r: int):
     if r < DOT_MIN_RANK:
         return 1, False
     return min(next_pow2(r), MAX_BLOCK_R), True
+
+
+def wide_offsets(*tensors: Optional[Tensor]) -> bool:
+    """Whether any tensor has an element whose offset (sum of index x stride) reaches 2^31.
+
+    Such launches compile the kernels' ``WIDE`` variant, which computes every offset in
+    int64; all others keep the cheaper int32 index arithmetic.
+    """
+    for t in tensors:
+        if t is not None and t.numel():
+            if sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) >= INT32_OFFSET_LIMIT:
+                return True
+    return False
+
+
+def ids_stride(task_ids: Optional[Tensor]) -> int:
+    """Element stride of ``task_ids``: views such as ``t[:, 0]`` or an expanded id are read in place."""
+    return task_ids.stride(0) if task_ids is not None else 0
 
 
 def tile_block(size: int, cap: int, floor: int = 1) -> int:
@@ -74,6 +95,26 @@ def forward_tiles_for(M: int, D: int, R: int) -> Tiles:
 
 
 # ----------------------------------------------------------------------------- jit helpers
+@triton.jit
+def tile_offsets(pid, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """The BLOCK lane indices of tile ``pid``, in int64 for a WIDE launch."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    if WIDE:
+        offs = offs.to(tl.int64)
+    return offs
+
+
+@triton.jit
+def checked_task(ids_ptr, row, s_ids, T):
+    """Task of ``row`` read through the ids' stride, clamped into ``[0, T)``, and whether it was
+    valid.  Out-of-range ids reach a kernel only when the host check was skipped (a direct
+    op call, or under torch.compile); the caller flags their rows with NaN instead of
+    reading outside the bank."""
+    t = tl.load(ids_ptr + row * s_ids).to(tl.int64)
+    valid = (t >= 0) & (t < T)
+    return tl.where(valid, t, 0), valid
+
+
 # Small ranks use rank-1 updates over 2-D tiles.  (A first version reduced a 3-D
 # broadcast product instead; Triton 3.6 miscompiled it on an H100 for some tile shapes
 # while the interpreter was right, so only plain 2-D and 1-D operations remain.)
@@ -81,6 +122,7 @@ def forward_tiles_for(M: int, D: int, R: int) -> Tiles:
 def low_rank_tile(
     a_ptr, s_am, s_ar, b_ptr, s_br, s_bd, offs_m, offs_d, mask_m, mask_d, R,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_D) tile of A @ B for A (M, R), B (R, D) of any strides, in float32.
 
@@ -90,7 +132,7 @@ def low_rank_tile(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if USE_DOT:
         for k0 in range(0, R, BLOCK_R):
-            offs_r = k0 + tl.arange(0, BLOCK_R)
+            offs_r = tile_offsets(0, BLOCK_R, WIDE) + k0
             mask_r = offs_r < R
             a = tl.load(a_ptr + offs_m[:, None] * s_am + offs_r[None, :] * s_ar,
                         mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
@@ -99,8 +141,11 @@ def low_rank_tile(
             acc += tl.dot(a, b, input_precision="ieee")
     else:
         for k in range(0, R):
-            a = tl.load(a_ptr + offs_m * s_am + k * s_ar, mask=mask_m, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + k * s_br + offs_d * s_bd, mask=mask_d, other=0.0).to(tl.float32)
+            kk = k
+            if WIDE:
+                kk = kk.to(tl.int64)
+            a = tl.load(a_ptr + offs_m * s_am + kk * s_ar, mask=mask_m, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + kk * s_br + offs_d * s_bd, mask=mask_d, other=0.0).to(tl.float32)
             acc += a[:, None] * b[None, :]
     return tl.where(mask_m[:, None] & mask_d[None, :], acc, 0.0)
 
@@ -111,6 +156,7 @@ def low_rank_grads(
     da_ptr, s_dam, s_dar, db_ptr, s_dbr, s_dbd,
     offs_m, offs_d, mask_m, mask_d, R,
     NEED_A: tl.constexpr, NEED_B: tl.constexpr, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """Given the gradient tile ``h`` of A @ B, store this tile's share of dA = h B^T (summed
     over the tile's columns) and of dB = A^T h (summed over the tile's rows).
@@ -120,7 +166,7 @@ def low_rank_grads(
     h = tl.where(mask_m[:, None] & mask_d[None, :], h, 0.0)
     if USE_DOT:
         for k0 in range(0, R, BLOCK_R):
-            offs_r = k0 + tl.arange(0, BLOCK_R)
+            offs_r = tile_offsets(0, BLOCK_R, WIDE) + k0
             mask_r = offs_r < R
             if NEED_A:
                 b = tl.load(b_ptr + offs_r[:, None] * s_br + offs_d[None, :] * s_bd,
@@ -136,14 +182,17 @@ def low_rank_grads(
                          db.to(db_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
     else:
         for k in range(0, R):
+            kk = k
+            if WIDE:
+                kk = kk.to(tl.int64)
             if NEED_A:
-                b = tl.load(b_ptr + k * s_br + offs_d * s_bd, mask=mask_d, other=0.0).to(tl.float32)
+                b = tl.load(b_ptr + kk * s_br + offs_d * s_bd, mask=mask_d, other=0.0).to(tl.float32)
                 da = tl.sum(h * b[None, :], axis=1)
-                tl.store(da_ptr + offs_m * s_dam + k * s_dar, da.to(da_ptr.dtype.element_ty), mask=mask_m)
+                tl.store(da_ptr + offs_m * s_dam + kk * s_dar, da.to(da_ptr.dtype.element_ty), mask=mask_m)
             if NEED_B:
-                a = tl.load(a_ptr + offs_m * s_am + k * s_ar, mask=mask_m, other=0.0).to(tl.float32)
+                a = tl.load(a_ptr + offs_m * s_am + kk * s_ar, mask=mask_m, other=0.0).to(tl.float32)
                 db = tl.sum(a[:, None] * h, axis=0)
-                tl.store(db_ptr + k * s_dbr + offs_d * s_dbd, db.to(db_ptr.dtype.element_ty), mask=mask_d)
+                tl.store(db_ptr + kk * s_dbr + offs_d * s_dbd, db.to(db_ptr.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
@@ -193,7 +242,9 @@ def make_chunks(task_ids: Optional[Tensor], rows: int, num_tasks: int, size: int
         first = torch.zeros(1, dtype=torch.int64, device=device)
         per_task = torch.full((1,), count, dtype=torch.int64, device=device)
         return Chunks(size, count, None, None, None, None, first, per_task)
-    ids = task_ids.long()
+    # Clamped so that no index below can leave the bank; rows whose id was out of range
+    # are flagged with NaN by the kernels themselves (see checked_task).
+    ids = task_ids.long().clamp(0, max(num_tasks - 1, 0))
     order = torch.argsort(ids, stable=True)
     sorted_ids = ids[order]
     rows_of = torch.bincount(ids, minlength=num_tasks)

@@ -21,58 +21,65 @@ from torch import Tensor
 from lopa._autograd import eager_fast_path, register_gated_prompt
 from lopa._poison import new_output
 from lopa.kernels._shared import (
+    checked_task,
     chunk_size_for,
+    forward_tiles_for,
+    ids_stride,
     low_rank_grads,
     low_rank_tile,
     make_chunks,
     segment_sum,
-    forward_tiles_for,
+    tile_offsets,
     tiles_for,
+    wide_offsets,
 )
 
 
 @triton.jit
 def _gated_fwd_kernel(
     zs_ptr, u_ptr, v_ptr, ids_ptr, out_ptr,
-    M, D, R,
-    s_zt, s_zm, s_zd, s_ub, s_um, s_ur, s_vb, s_vr, s_vd, s_ob, s_om, s_od,
+    T, M, D, R,
+    s_zt, s_zm, s_zd, s_ub, s_um, s_ur, s_vb, s_vr, s_vd, s_ids, s_ob, s_om, s_od,
     HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr, WIDE: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_m = tile_offsets(tl.program_id(1), BLOCK_M, WIDE)
+    offs_d = tile_offsets(tl.program_id(2), BLOCK_D, WIDE)
     mask_m = offs_m < M
     mask_d = offs_d < D
     mask = mask_m[:, None] & mask_d[None, :]
     if HAS_IDS:
-        t = tl.load(ids_ptr + b)
+        t, valid = checked_task(ids_ptr, b, s_ids, T)
     else:
         t = 0
     logits = low_rank_tile(u_ptr + b * s_ub, s_um, s_ur, v_ptr + b * s_vb, s_vr, s_vd,
-                           offs_m, offs_d, mask_m, mask_d, R, BLOCK_M, BLOCK_D, BLOCK_R, USE_DOT)
+                           offs_m, offs_d, mask_m, mask_d, R, BLOCK_M, BLOCK_D, BLOCK_R, USE_DOT, WIDE)
     zs = tl.load(zs_ptr + t * s_zt + offs_m[:, None] * s_zm + offs_d[None, :] * s_zd,
                  mask=mask, other=0.0).to(tl.float32)
     out = zs * tl.sigmoid(logits)
+    if HAS_IDS:
+        out = tl.where(valid, out, float("nan"))
     tl.store(out_ptr + b * s_ob + offs_m[:, None] * s_om + offs_d[None, :] * s_od,
              out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gated_bwd_kernel(
-    g_ptr, zs_ptr, u_ptr, v_ptr,
+    g_ptr, zs_ptr, u_ptr, v_ptr, ids_ptr,
     order_ptr, cstart_ptr, clen_ptr, ctask_ptr,
     dzs_part_ptr, du_part_ptr, dv_part_ptr,
-    B, M, D, R, CHUNK,
-    s_gb, s_gm, s_gd, s_zt, s_zm, s_zd, s_ub, s_um, s_ur, s_vb, s_vr, s_vd,
+    B, T, M, D, R, CHUNK,
+    s_gb, s_gm, s_gd, s_zt, s_zm, s_zd, s_ub, s_um, s_ur, s_vb, s_vr, s_vd, s_ids,
     HAS_IDS: tl.constexpr, NEED_ZS: tl.constexpr, NEED_U: tl.constexpr, NEED_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     j = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
     pid_d = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_m = tile_offsets(pid_m, BLOCK_M, WIDE)
+    offs_d = tile_offsets(pid_d, BLOCK_D, WIDE)
     mask_m = offs_m < M
     mask_d = offs_d < D
     mask = mask_m[:, None] & mask_d[None, :]
@@ -95,9 +102,12 @@ def _gated_bwd_kernel(
         u_row = u_ptr + b * s_ub
         v_row = v_ptr + b * s_vb
         gate = tl.sigmoid(low_rank_tile(u_row, s_um, s_ur, v_row, s_vr, s_vd, offs_m, offs_d,
-                                        mask_m, mask_d, R, BLOCK_M, BLOCK_D, BLOCK_R, USE_DOT))
+                                        mask_m, mask_d, R, BLOCK_M, BLOCK_D, BLOCK_R, USE_DOT, WIDE))
         g = tl.load(g_ptr + b * s_gb + offs_m[:, None] * s_gm + offs_d[None, :] * s_gd,
                     mask=mask, other=0.0).to(tl.float32)
+        if HAS_IDS:  # a row whose id was out of range poisons every gradient it feeds
+            _, valid = checked_task(ids_ptr, b, s_ids, T)
+            g = tl.where(valid, g, float("nan"))
         if NEED_ZS:
             dzs += g * gate
         if NEED_U or NEED_V:
@@ -105,7 +115,7 @@ def _gated_bwd_kernel(
             low_rank_grads(h, u_row, s_um, s_ur, v_row, s_vr, s_vd,
                            du_part_ptr + (pid_d * B + b) * M * R, R, 1,
                            dv_part_ptr + (pid_m * B + b) * R * D, D, 1,
-                           offs_m, offs_d, mask_m, mask_d, R, NEED_U, NEED_V, BLOCK_R, USE_DOT)
+                           offs_m, offs_d, mask_m, mask_d, R, NEED_U, NEED_V, BLOCK_R, USE_DOT, WIDE)
     if NEED_ZS:
         tl.store(dzs_part_ptr + (j * M + offs_m[:, None]) * D + offs_d[None, :],
                  dzs.to(dzs_part_ptr.dtype.element_ty), mask=mask)
@@ -122,10 +132,10 @@ def _forward(zs: Tensor, u: Tensor, v: Tensor, task_ids: Optional[Tensor]) -> Te
     grid = (B, triton.cdiv(M, tiles.m), triton.cdiv(D, tiles.d))
     _gated_fwd_kernel[grid](
         zs, u, v, task_ids if task_ids is not None else out, out,
-        M, D, R,
-        *zs.stride(), *u.stride(), *v.stride(), *out.stride(),
+        T, M, D, R,
+        *zs.stride(), *u.stride(), *v.stride(), ids_stride(task_ids), *out.stride(),
         HAS_IDS=task_ids is not None, BLOCK_M=tiles.m, BLOCK_D=tiles.d, BLOCK_R=tiles.r,
-        USE_DOT=tiles.use_dot, num_warps=tiles.num_warps,
+        USE_DOT=tiles.use_dot, WIDE=wide_offsets(zs, u, v, out), num_warps=tiles.num_warps,
     )
     return out
 
@@ -146,12 +156,13 @@ def _backward(grad_out, zs, u, v, task_ids, need_zs, need_u, need_v) -> List[Ten
         meta = [chunks.order, chunks.start, chunks.length, chunks.task]
         meta = [t if t is not None else nothing for t in meta]
         _gated_bwd_kernel[(chunks.count, n_mt, n_dt)](
-            grad_out, zs, u, v, *meta, dzs_part, du_part, dv_part,
-            B, M, D, R, chunks.size,
-            *grad_out.stride(), *zs.stride(), *u.stride(), *v.stride(),
+            grad_out, zs, u, v, task_ids if task_ids is not None else nothing, *meta,
+            dzs_part, du_part, dv_part,
+            B, T, M, D, R, chunks.size,
+            *grad_out.stride(), *zs.stride(), *u.stride(), *v.stride(), ids_stride(task_ids),
             HAS_IDS=task_ids is not None, NEED_ZS=need_zs, NEED_U=need_u, NEED_V=need_v,
             BLOCK_M=tiles.m, BLOCK_D=tiles.d, BLOCK_R=tiles.r, USE_DOT=tiles.use_dot,
-            num_warps=tiles.num_warps,
+            WIDE=wide_offsets(grad_out, zs, u, v, du_part, dv_part, dzs_part), num_warps=tiles.num_warps,
         )
     # Distinct empty tensors for the gradients not asked for: outputs may not alias.
     if not need_zs:

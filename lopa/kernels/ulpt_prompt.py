@@ -21,60 +21,67 @@ from torch import Tensor
 from lopa._autograd import eager_fast_path, register_ulpt
 from lopa._poison import new_output
 from lopa.kernels._shared import (
+    checked_task,
     chunk_size_for,
+    forward_tiles_for,
+    ids_stride,
     low_rank_grads,
     low_rank_tile,
     make_chunks,
     segment_sum,
-    forward_tiles_for,
+    tile_offsets,
     tiles_for,
+    wide_offsets,
 )
 
 
 @triton.jit
 def _ulpt_fwd_kernel(
     z_ptr, p_ptr, scale_ptr, shift_ptr, ids_ptr, out_ptr,
-    N, D, R,
-    s_zt, s_zn, s_zr, s_pr, s_pd, s_st, s_sd, s_ht, s_hd, s_ob, s_on, s_od,
+    T, N, D, R,
+    s_zt, s_zn, s_zr, s_pr, s_pd, s_st, s_sd, s_ht, s_hd, s_ids, s_ob, s_on, s_od,
     HAS_IDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr, WIDE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tile_offsets(tl.program_id(1), BLOCK_N, WIDE)
+    offs_d = tile_offsets(tl.program_id(2), BLOCK_D, WIDE)
     mask_n = offs_n < N
     mask_d = offs_d < D
     if HAS_IDS:
-        t = tl.load(ids_ptr + row)
+        t, valid = checked_task(ids_ptr, row, s_ids, T)
     else:
         t = row
     zp = low_rank_tile(z_ptr + t * s_zt, s_zn, s_zr, p_ptr, s_pr, s_pd, offs_n, offs_d,
-                       mask_n, mask_d, R, BLOCK_N, BLOCK_D, BLOCK_R, USE_DOT)
+                       mask_n, mask_d, R, BLOCK_N, BLOCK_D, BLOCK_R, USE_DOT, WIDE)
     scale = tl.load(scale_ptr + t * s_st + offs_d * s_sd, mask=mask_d, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + t * s_ht + offs_d * s_hd, mask=mask_d, other=0.0).to(tl.float32)
     out = zp * scale[None, :] + shift[None, :]
+    if HAS_IDS:
+        out = tl.where(valid, out, float("nan"))
     tl.store(out_ptr + row * s_ob + offs_n[:, None] * s_on + offs_d[None, :] * s_od,
              out.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
 
 
 @triton.jit
 def _ulpt_bwd_kernel(
-    g_ptr, z_ptr, p_ptr, scale_ptr,
+    g_ptr, z_ptr, p_ptr, scale_ptr, ids_ptr,
     order_ptr, cstart_ptr, clen_ptr, ctask_ptr,
     dz_part_ptr, dp_part_ptr, dscale_part_ptr, dshift_part_ptr,
-    N, D, R,
-    s_gb, s_gn, s_gd, s_zt, s_zn, s_zr, s_pr, s_pd, s_st, s_sd,
+    T, N, D, R,
+    s_gb, s_gn, s_gd, s_zt, s_zn, s_zr, s_pr, s_pd, s_st, s_sd, s_ids,
     HAS_IDS: tl.constexpr, NEED_Z: tl.constexpr, NEED_P: tl.constexpr,
     NEED_SCALE: tl.constexpr, NEED_SHIFT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     j = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     pid_d = tl.program_id(2)
     n_nt = tl.num_programs(1)
     n_dt = tl.num_programs(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tile_offsets(pid_n, BLOCK_N, WIDE)
+    offs_d = tile_offsets(pid_d, BLOCK_D, WIDE)
     mask_n = offs_n < N
     mask_d = offs_d < D
     mask = mask_n[:, None] & mask_d[None, :]
@@ -92,8 +99,12 @@ def _ulpt_bwd_kernel(
             b = tl.load(order_ptr + start + i)
         else:
             b = start + i
-        g += tl.load(g_ptr + b * s_gb + offs_n[:, None] * s_gn + offs_d[None, :] * s_gd,
-                     mask=mask, other=0.0).to(tl.float32)
+        g_row = tl.load(g_ptr + b * s_gb + offs_n[:, None] * s_gn + offs_d[None, :] * s_gd,
+                        mask=mask, other=0.0).to(tl.float32)
+        if HAS_IDS:  # a row whose id was out of range poisons every gradient it feeds
+            _, valid = checked_task(ids_ptr, b, s_ids, T)
+            g_row = tl.where(valid, g_row, float("nan"))
+        g += g_row
     vec = (j * n_nt + pid_n) * D + offs_d
     g = tl.where(mask, g, 0.0)  # padding lanes add exactly nothing to the sums below
     if NEED_SHIFT:
@@ -101,14 +112,14 @@ def _ulpt_bwd_kernel(
     z_task = z_ptr + t * s_zt
     if NEED_SCALE:
         zp = low_rank_tile(z_task, s_zn, s_zr, p_ptr, s_pr, s_pd, offs_n, offs_d,
-                           mask_n, mask_d, R, BLOCK_N, BLOCK_D, BLOCK_R, USE_DOT)
+                           mask_n, mask_d, R, BLOCK_N, BLOCK_D, BLOCK_R, USE_DOT, WIDE)
         tl.store(dscale_part_ptr + vec, tl.sum(g * zp, axis=0), mask=mask_d)
     if NEED_Z or NEED_P:
         scale = tl.load(scale_ptr + t * s_st + offs_d * s_sd, mask=mask_d, other=0.0).to(tl.float32)
         low_rank_grads(g * scale[None, :], z_task, s_zn, s_zr, p_ptr, s_pr, s_pd,
                        dz_part_ptr + (j * n_dt + pid_d) * N * R, R, 1,
                        dp_part_ptr + (j * n_nt + pid_n) * R * D, D, 1,
-                       offs_n, offs_d, mask_n, mask_d, R, NEED_Z, NEED_P, BLOCK_R, USE_DOT)
+                       offs_n, offs_d, mask_n, mask_d, R, NEED_Z, NEED_P, BLOCK_R, USE_DOT, WIDE)
 
 
 # ----------------------------------------------------------------------------- host code
@@ -123,10 +134,10 @@ def _forward(z: Tensor, proj: Tensor, scale: Tensor, shift: Tensor, task_ids: Op
     grid = (rows, triton.cdiv(N, tiles.m), triton.cdiv(D, tiles.d))
     _ulpt_fwd_kernel[grid](
         z, proj, scale, shift, task_ids if task_ids is not None else out, out,
-        N, D, R,
-        *z.stride(), *proj.stride(), *scale.stride(), *shift.stride(), *out.stride(),
+        T, N, D, R,
+        *z.stride(), *proj.stride(), *scale.stride(), *shift.stride(), ids_stride(task_ids), *out.stride(),
         HAS_IDS=task_ids is not None, BLOCK_N=tiles.m, BLOCK_D=tiles.d, BLOCK_R=tiles.r,
-        USE_DOT=tiles.use_dot, num_warps=tiles.num_warps,
+        USE_DOT=tiles.use_dot, WIDE=wide_offsets(z, proj, scale, shift, out), num_warps=tiles.num_warps,
     )
     return out
 
@@ -151,13 +162,14 @@ def _backward(grad_out, z, proj, scale, task_ids, need_z, need_proj, need_scale,
         meta = [chunks.order, chunks.start, chunks.length, chunks.task]
         meta = [t if t is not None else nothing for t in meta]
         _ulpt_bwd_kernel[(chunks.count, n_nt, n_dt)](
-            grad_out, z, proj, scale, *meta, dz_part, dp_part, dscale_part, dshift_part,
-            N, D, R,
-            *grad_out.stride(), *z.stride(), *proj.stride(), *scale.stride(),
+            grad_out, z, proj, scale, task_ids if task_ids is not None else nothing, *meta,
+            dz_part, dp_part, dscale_part, dshift_part,
+            T, N, D, R,
+            *grad_out.stride(), *z.stride(), *proj.stride(), *scale.stride(), ids_stride(task_ids),
             HAS_IDS=task_ids is not None, NEED_Z=need_z, NEED_P=need_proj,
             NEED_SCALE=need_scale, NEED_SHIFT=need_shift,
             BLOCK_N=tiles.m, BLOCK_D=tiles.d, BLOCK_R=tiles.r, USE_DOT=tiles.use_dot,
-            num_warps=tiles.num_warps,
+            WIDE=wide_offsets(grad_out, z, proj, scale, dz_part, dp_part), num_warps=tiles.num_warps,
         )
 
     def per_task(part: Tensor, shape, dtype) -> Tensor:
