@@ -27,17 +27,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lopa
+from lopa import _backends
 from lopa.assemble import GatedSource, ULPTSource
 from lopa.projection import INITS as PROJECTION_INITS
 from lopa.projection import ulpt_projection
 
-__all__ = ["PromptModule", "ULPTPrompt", "LoPAPrompt", "PromptTuning", "COMBINES", "prompt_from_config"]
+__all__ = ["PromptModule", "ULPTPrompt", "LoPAPrompt", "PromptTuning", "COMBINES", "prompt_from_config",
+           "lopa_parameter_shapes", "stacked_lopa_factors", "stacked_lopa_prompts"]
 
 COMBINES = ("gate", "add", "max", "concat")
 VOCAB_INITS = ("vocab", "text")
@@ -245,12 +248,106 @@ class PromptTuning(PromptModule):
 
 
 # ----------------------------------------------------------------------------- LoPA
+# A head is Dropout -> Linear(h -> H) -> tanh -> Linear(H -> out): its two Linear layers are
+# entries 1 and 3 of the nn.Sequential, hence the parameter names "u_head.1.weight" etc.
+_HEAD_LINEARS = ("1", "3")
+
+
 def _head(encoder_dim: int, hidden: int, out: int, dropout: float) -> nn.Sequential:
     head = nn.Sequential(nn.Dropout(dropout), nn.Linear(encoder_dim, hidden), nn.Tanh(), nn.Linear(hidden, out))
     for layer in (head[1], head[3]):
         nn.init.normal_(layer.weight, mean=0.0, std=0.02)
         nn.init.zeros_(layer.bias)
     return head
+
+
+def lopa_parameter_shapes(num_tokens: int, dim: int, rank: int, encoder_dim: int, hidden: int
+                          ) -> Dict[str, Tuple[int, ...]]:
+    """:class:`LoPAPrompt`'s parameters: their ``state_dict`` names and shapes."""
+    shapes = {"zs": (num_tokens, dim)}
+    first, second = _HEAD_LINEARS
+    for head, out in (("u_head", num_tokens * rank), ("v_head", dim * rank)):
+        shapes.update({f"{head}.{first}.weight": (hidden, encoder_dim), f"{head}.{first}.bias": (hidden,),
+                       f"{head}.{second}.weight": (out, hidden), f"{head}.{second}.bias": (out,)})
+    return shapes
+
+
+def _factors_from_heads(u_out: Tensor, v_out: Tensor, num_tokens: int, rank: int, dim: int):
+    """``u`` ``(B, m, r)`` and ``v`` ``(B, r, d)`` (a transposed view) from the heads' outputs."""
+    batch = u_out.shape[0]
+    return u_out.view(batch, num_tokens, rank), v_out.view(batch, dim, rank).transpose(1, 2)
+
+
+def _combine(zs_rows: Tensor, zi: Tensor, combine: str) -> Tensor:
+    """The ablation combines of ``Z_S`` rows ``(B, m, d)`` and ``u v`` ``(B, m, d)``."""
+    if combine == "add":
+        return zs_rows + zi
+    if combine == "max":
+        return torch.maximum(zs_rows, zi)
+    return torch.cat([zs_rows, zi], dim=1)
+
+
+def _task_head(params: Mapping[str, Tensor], head: str, task: int):
+    """One task's head layers ``(w1, b1, w2, b2)`` in float32, from stacked ``(T, ...)`` parameters."""
+    first, second = _HEAD_LINEARS
+    names = (f"{head}.{first}.weight", f"{head}.{first}.bias", f"{head}.{second}.weight", f"{head}.{second}.bias")
+    return tuple(params[name][task].to(torch.float32) for name in names)
+
+
+def _run_head(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    # The ops nn.Linear / nn.Tanh run, so a row equals LoPAPrompt's head on a batch of one.
+    return F.linear(torch.tanh(F.linear(x, w1, b1)), w2, b2)
+
+
+def stacked_lopa_factors(params: Mapping[str, Tensor], task_ids: Sequence[int], pooled: Tensor, *,
+                         num_tokens: int, rank: int, dim: int) -> Tuple[Tensor, Tensor]:
+    """``u`` ``(B, m, r)`` and ``v`` ``(B, r, d)`` for rows of many LoPA tasks stacked as a bank.
+
+    ``params[name]`` is ``(T, *shape)`` for the names of :func:`lopa_parameter_shapes`; row
+    ``b`` runs task ``task_ids[b]``'s heads on ``pooled[b]`` (heads in eval mode: no dropout).
+    Each row is computed on its own, with the ops and shapes :meth:`LoPAPrompt.factors` uses
+    for a batch of one, in float32: a row's factors are bitwise those of the request alone,
+    whatever else is in the batch (a batched matmul's rounding depends on the batch's shape,
+    which is why the rows are not batched together).
+    """
+    pooled = pooled.to(torch.float32)
+    heads: Dict[Tuple[str, int], tuple] = {}
+    outputs = {"u_head": [], "v_head": []}
+    for b, task in enumerate(task_ids):
+        x = pooled[b:b + 1].clone()  # a fresh (1, h) row, aligned as a lone request's
+        for head, out in outputs.items():
+            layers = heads.get((head, task))
+            if layers is None:
+                layers = heads[(head, task)] = _task_head(params, head, task)
+            out.append(_run_head(x, *layers))
+    return _factors_from_heads(torch.cat(outputs["u_head"]), torch.cat(outputs["v_head"]), num_tokens, rank, dim)
+
+
+def stacked_lopa_prompts(params: Mapping[str, Tensor], task_ids: Sequence[int], pooled: Tensor, *, combine: str,
+                         num_tokens: int, rank: int, dim: int, task_ids_tensor: Optional[Tensor] = None,
+                         backend: str = "auto") -> Tensor:
+    """``(B, m', d)`` float32 LoPA prompts of rows of stacked tasks (``m' = 2m`` for ``concat``),
+    each row bitwise the row computed alone (see :func:`stacked_lopa_factors`).
+
+    ``task_ids_tensor``: ``task_ids`` already on the device; ``backend``: the gate's.
+    """
+    u, v = stacked_lopa_factors(params, task_ids, pooled, num_tokens=num_tokens, rank=rank, dim=dim)
+    ids = task_ids_tensor if task_ids_tensor is not None else torch.tensor(list(task_ids), device=u.device)
+    zs = params["zs"]
+    if zs.dtype != torch.float32:  # a half-precision bank: only the rows used, in float32
+        zs, ids = zs.index_select(0, ids).to(torch.float32), torch.arange(len(task_ids), device=u.device)
+    if combine == "gate" and _backends.resolve(backend, zs.device, zs.dtype).name != "reference":
+        return lopa.gated_lowrank_prompt(zs, u, v, ids, backend=backend)  # the kernels compute rows independently
+    # The reference gate and the ablation combines multiply with bmm, whose rounding depends
+    # on the batch: one row at a time.
+    return torch.cat([_combined_row(zs, u[b:b + 1], v[b:b + 1], ids[b:b + 1], combine, backend)
+                      for b in range(u.shape[0])])
+
+
+def _combined_row(zs: Tensor, u: Tensor, v: Tensor, task_id: Tensor, combine: str, backend: str) -> Tensor:
+    if combine == "gate":
+        return lopa.gated_lowrank_prompt(zs, u, v, task_id, backend=backend)
+    return _combine(zs.index_select(0, task_id), torch.bmm(u, v), combine)
 
 
 class LoPAPrompt(PromptModule):
@@ -317,10 +414,7 @@ class LoPAPrompt(PromptModule):
                 f"pooled must have shape (B, {self.encoder_dim}) (encoder_dim), got {tuple(pooled.shape)}"
             )
         pooled = pooled.to(device=self.zs.device, dtype=self.zs.dtype)
-        batch = pooled.shape[0]
-        u = self.u_head(pooled).view(batch, self.num_tokens, self.rank)
-        v = self.v_head(pooled).view(batch, self.dim, self.rank).transpose(1, 2)
-        return u, v
+        return _factors_from_heads(self.u_head(pooled), self.v_head(pooled), self.num_tokens, self.rank, self.dim)
 
     def prompt_source(self, pooled: Tensor = None, batch_size=None):
         self._require_initialized()
@@ -339,12 +433,7 @@ class LoPAPrompt(PromptModule):
             if self.combine == "gate":
                 return lopa.gated_lowrank_prompt(self.zs, u, v)
             zi = torch.bmm(u, v)
-            zs = self.zs.unsqueeze(0).expand_as(zi)
-            if self.combine == "add":
-                return zs + zi
-            if self.combine == "max":
-                return torch.maximum(zs, zi)
-            return torch.cat([zs, zi], dim=1)
+            return _combine(self.zs.unsqueeze(0).expand_as(zi), zi, self.combine)
 
 
 _MODULES = {"ulpt": ULPTPrompt, "lopa": LoPAPrompt, "pt": PromptTuning}

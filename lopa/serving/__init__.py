@@ -12,10 +12,11 @@
 * :meth:`PromptBank.prompt_embeds` -- one request's ``(m + n, d)`` input for vLLM's
   ``{"prompt_embeds": ...}`` prompt input.
 
-Bad requests (unknown task, empty or over-long input, out-of-vocabulary ids...) get a
+Bad requests (unknown task, empty or over-long input, out-of-vocabulary ids, bad fields...;
+see :mod:`lopa.serving.requests`) get a
 :class:`RequestError` each; the rest of the batch is served.
 """
-from lopa.serving.assembly import ERROR_CODES, Request, RequestError, ServingBatch
+from lopa.serving.requests import ERROR_CODES, Request, RequestError, ServingBatch
 from lopa.serving.bank import BankMemory, PromptBank
 from lopa.serving.generation import Completion
 

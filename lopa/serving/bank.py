@@ -4,6 +4,7 @@ See :mod:`lopa.serving` for the overview and README "Multi-task serving" for exa
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -12,15 +13,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from lopa.serving.assembly import (
-    Request,
-    RequestError,
-    Row,
-    ServingBatch,
-    build,
-    parse,
-    resolve_backend,
-)
+from lopa.serving.assembly import build, lopa_prompts, resolve_backend
+from lopa.serving.requests import ParsedRequests, Request, RequestError, Row, ServingBatch, parse
 from lopa.serving.store import SubBank
 
 __all__ = ["PromptBank", "BankMemory", "task_layout"]
@@ -223,6 +217,15 @@ class PromptBank:
         """One entry per sub-bank: its key, method, task count and bytes."""
         return [dict(key=s.key, method=s.method, tasks=s.count, num_virtual_tokens=s.num_virtual_tokens,
                      bytes=s.nbytes()) for s in self._subs.values()]
+
+    def locate(self, name: str) -> Optional[Tuple[SubBank, int]]:
+        """``(sub-bank, task id in it)`` of task ``name``, or ``None``."""
+        entry = self._tasks.get(name)
+        return None if entry is None else (entry[0], entry[1])
+
+    def first_names(self, limit: int) -> List[str]:
+        """The first ``limit`` task names (for messages)."""
+        return list(itertools.islice(self._tasks, limit))
 
     def _entry(self, name: str):
         entry = self._tasks.get(name)
@@ -470,10 +473,8 @@ class PromptBank:
             return lopa.ulpt_prompt(sub.live("z")[slot], sub.proj, sub.live("scale")[slot], sub.live("shift")[slot])
         if pooled is None:
             raise ValueError(f"task {name!r} is LoPA: its prompt depends on the input; pass pooled (B, h)")
-        from lopa.serving.assembly import lopa_prompts
-
-        slots = [slot] * pooled.shape[0]
-        return lopa_prompts(sub, slots, torch.tensor(slots, device=self.device), pooled.to(self.device))
+        task_ids = [slot] * pooled.shape[0]
+        return lopa_prompts(sub, task_ids, torch.tensor(task_ids, device=self.device), pooled.to(self.device))
 
     # ------------------------------------------------------------------ memory
     def memory(self) -> BankMemory:
@@ -528,20 +529,15 @@ class PromptBank:
         weight = self._embedding.weight.detach()
         return weight, (None if self._embed_plain else self._embedding)
 
-    def _can_encode(self, request: Request, sub: SubBank) -> Optional[str]:
+    def _can_encode(self, value, sub: SubBank) -> Optional[str]:
+        """Why the bank cannot compute LoPA's pooled vector for this input (``None`` if it can)."""
         h = sub.config["encoder_dim"]
-        if request.pooled is not None:
-            p = request.pooled
-            if not isinstance(p, Tensor) or p.reshape(-1).shape[0] != h or not p.is_floating_point():
-                return f"pooled must be a float tensor of {h} values (the LoPA encoder's width), got " \
-                       f"{tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__}"
-            return None
         if self.encoder is None:
             return ("a LoPA task needs the instance encoder's pooled vector: bind the bank to a model "
                     "(PromptBank.for_model) or pass Request(pooled=...)")
         if self.encoder.hidden_size != h:
             return f"the bank's encoder has width {self.encoder.hidden_size} but the task was trained with {h}"
-        if not self._encoder_shares_vocab and not (isinstance(request.input, str) and self.encoder.tokenizer):
+        if not self._encoder_shares_vocab and not (isinstance(value, str) and self.encoder.tokenizer):
             return ("the LoPA encoder has its own vocabulary: send text (the encoder has a tokenizer) or "
                     "Request(pooled=...)")
         return None
@@ -551,7 +547,7 @@ class PromptBank:
         todo = []
         for i, r in enumerate(rows):
             if r.pooled is not None:
-                out[i] = r.pooled.reshape(-1).to(device=self.device, dtype=torch.float32)
+                out[i] = r.pooled.to(self.device)
             else:
                 todo.append(i)
         if todo:
@@ -571,7 +567,8 @@ class PromptBank:
                 out[i] = vectors[k].to(device=self.device, dtype=torch.float32)
         return torch.stack(out)
 
-    def _parse(self, requests, table: Tensor, new_tokens: Optional[int] = None, max_length: Optional[int] = None):
+    def _parse(self, requests, table: Tensor, new_tokens: Optional[int] = None,
+               max_length: Optional[int] = None) -> ParsedRequests:
         limit = max_length if max_length is not None else self.max_length
         return parse(self, requests, tokenizer=self.tokenizer, vocab_size=table.shape[0], max_length=limit,
                      new_tokens=new_tokens, can_encode=self._can_encode)

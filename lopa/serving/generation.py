@@ -33,7 +33,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from lopa.serving.assembly import RequestError, Row
+from lopa.serving.requests import RequestError, Row, count_problem, seed_problem
 
 __all__ = ["Completion", "generate", "gumbel_noise", "filter_scores"]
 
@@ -103,16 +103,18 @@ def filter_scores(scores: Tensor, top_k: int, top_p: float) -> Tensor:
 
 # ----------------------------------------------------------------------------- generation
 def _check_args(max_new_tokens, temperature, top_k, top_p, seed, max_batch_size):
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    problem = count_problem(max_new_tokens, "max_new_tokens")
+    if problem:
+        raise ValueError(problem)
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    problem = seed_problem(seed)
+    if problem:
+        raise (ValueError if isinstance(seed, int) else TypeError)(problem)
     if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
                                        or max_batch_size < 1):
         raise ValueError(f"max_batch_size must be a positive int or None, got {max_batch_size!r}")
@@ -153,7 +155,7 @@ def generate(bank, requests: Sequence, *, max_new_tokens: int = 32, do_sample: b
         raise ValueError(f"{type(model).__name__} is not a causal LM")
     _check_args(max_new_tokens, temperature, top_k, top_p, seed, max_batch_size)
     table, embed = bank._table(None)
-    rows, errors, _ = bank._parse(requests, table, new_tokens=max_new_tokens)
+    rows, errors, _ = bank._parse(requests, table, new_tokens=int(max_new_tokens))
     results: List[Optional[Completion]] = [None] * (len(rows) + len(errors))
     for e in errors:
         results[e.index] = Completion(e.index, e.task, [], None, None, e)
@@ -195,7 +197,7 @@ def request_seed(row: Row, seed: int) -> int:
     """The request's own ``seed``, else one derived from the call's ``seed`` and the request's
     content (task and token ids): identical requests sample alike, different ones independently."""
     if row.seed is not None:
-        return int(row.seed)
+        return row.seed
     content = zlib.crc32(row.ids.numpy().tobytes(), zlib.crc32(str(row.task).encode()))
     return (int(seed) & ((1 << 64) - 1)) ^ (content << 32)
 
