@@ -33,6 +33,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from lopa.hf import accepts, is_encoder_decoder
 from lopa.serving.requests import RequestError, Row, count_problem, seed_problem
 
 __all__ = ["Completion", "generate", "gumbel_noise", "filter_scores"]
@@ -148,14 +149,13 @@ def generate(bank, requests: Sequence, *, max_new_tokens: int = 32, do_sample: b
     model = bank.model
     if model is None:
         raise ValueError("generate() needs a model: build the bank with PromptBank.for_model(model, tokenizer)")
-    if getattr(model.config, "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         raise ValueError("generate() serves decoder-only causal LMs; for an encoder-decoder use assemble() and the "
                          "model's own generate with inputs_embeds")
     if not hasattr(model, "generate") and not hasattr(model, "lm_head"):
         raise ValueError(f"{type(model).__name__} is not a causal LM")
     _check_args(max_new_tokens, temperature, top_k, top_p, seed, max_batch_size)
-    table, embed = bank._table(None)
-    rows, errors, _ = bank._parse(requests, table, new_tokens=int(max_new_tokens))
+    rows, errors, _ = bank.parse(requests, new_tokens=int(max_new_tokens))
     results: List[Optional[Completion]] = [None] * (len(rows) + len(errors))
     for e in errors:
         results[e.index] = Completion(e.index, e.task, [], None, None, e)
@@ -169,7 +169,7 @@ def generate(bank, requests: Sequence, *, max_new_tokens: int = 32, do_sample: b
     model.eval()
     try:
         for chunk in tqdm(chunks, desc="generating", unit="batch", disable=not show):
-            batch = bank._build(chunk, table, embed, "left", backend, [])
+            batch = bank.build(chunk, padding_side="left", backend=backend)
             tokens = _decode(bank, batch, chunk, do_sample=do_sample, temperature=float(temperature), top_k=top_k,
                              top_p=float(top_p), seed=seed, eos=eos)
             for b, r in enumerate(chunk):
@@ -205,8 +205,6 @@ def request_seed(row: Row, seed: int) -> int:
 @torch.no_grad()
 def _decode(bank, batch, chunk: List[Row], *, do_sample: bool, temperature: float, top_k: int, top_p: float,
             seed: int, eos: List[int]) -> List[List[int]]:
-    from lopa.model import _accepts
-
     model = bank.model
     device = batch.inputs_embeds.device
     limits = [r.new_tokens for r in chunk]
@@ -217,11 +215,11 @@ def _decode(bank, batch, chunk: List[Row], *, do_sample: bool, temperature: floa
     pad = bank.pad_token_id if bank.pad_token_id is not None else 0
     mask = batch.attention_mask
     kwargs = dict(inputs_embeds=batch.inputs_embeds, attention_mask=mask, use_cache=True)
-    if bank._pass_positions:
+    if bank.binding.passes_position_ids:
         kwargs["position_ids"] = batch.position_ids
-    if _accepts(model, "logits_to_keep"):
+    if accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
-    cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
+    cache_arg = "cache" if accepts(model, "cache") else "past_key_values"
     out = model(**kwargs)
     past = _cache_of(out)
     position = batch.position_ids[:, -1:]
@@ -244,7 +242,7 @@ def _decode(bank, batch, chunk: List[Row], *, do_sample: bool, temperature: floa
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
         step_kwargs = {"input_ids": nxt[:, None], "attention_mask": mask, cache_arg: past, "use_cache": True}
-        if bank._pass_positions:
+        if bank.binding.passes_position_ids:
             step_kwargs["position_ids"] = position
         out = model(**step_kwargs)
         past = _cache_of(out)

@@ -8,11 +8,11 @@ A sub-bank holds the tasks whose parameters have one shape and share one computa
 * LoPA ``(m, r, encoder_dim, hidden, combine)``: ``zs`` ``(T, m, d)`` and the two heads'
   weights stacked per task.
 
-Every field is one tensor ``(capacity, ...)`` on the bank's device; a task is a *slot*
-(row) of it.  Adding appends (capacity doubles when full: amortised O(1) copies),
-replacing writes the slot in place, removing moves the last task into the freed slot
-(one task's worth of copying), so the live tasks are always rows ``0 .. count-1`` and a
-kernel can index them with a plain ``(B,)`` slot tensor.
+Every field is one tensor ``(capacity, ...)`` on the bank's device; a task is a row of it,
+its *task id*.  Adding appends (capacity doubles when full: amortised O(1) copies),
+replacing writes the row in place, removing moves the last task into the freed row (one
+task's worth of copying), so the live tasks are always rows ``0 .. count-1`` and a kernel
+can index them with a plain ``(B,)`` ``task_ids`` tensor.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class SubBank:
         return self.count * self.per_task_elements() * size + self.proj_nbytes()
 
     def reserved_nbytes(self) -> int:
-        """Bytes allocated (capacity, including free slots), plus the shared projection."""
+        """Bytes allocated (capacity, including free rows), plus the shared projection."""
         return sum(t.numel() * t.element_size() for t in self._data.values()) + self.proj_nbytes()
 
     def proj_nbytes(self) -> int:
@@ -77,8 +77,8 @@ class SubBank:
         """``(count, ...)`` view of a field's live rows."""
         return self._data[field][: self.count]
 
-    def read(self, slot: int) -> Dict[str, Tensor]:
-        return {name: t[slot] for name, t in self._data.items()}
+    def read(self, task_id: int) -> Dict[str, Tensor]:
+        return {name: t[task_id] for name, t in self._data.items()}
 
     # ---------------------------------------------------------------- edits
     def reserve(self, capacity: int) -> None:
@@ -91,7 +91,7 @@ class SubBank:
             self._data[name] = new
 
     def append(self, names: List[str], values: Dict[str, Tensor]) -> int:
-        """Append ``len(names)`` tasks (``values[f]`` of shape ``(k, *field shape)``); returns the first slot."""
+        """Append ``len(names)`` tasks (``values[f]`` of shape ``(k, *field shape)``); returns the first task id."""
         first = self.count
         need = first + len(names)
         if need > self.capacity:
@@ -101,19 +101,19 @@ class SubBank:
         self.names.extend(names)
         return first
 
-    def write(self, slot: int, values: Dict[str, Tensor]) -> None:
+    def write(self, task_id: int, values: Dict[str, Tensor]) -> None:
         for name, t in self._data.items():
-            t[slot].copy_(values[name])
+            t[task_id].copy_(values[name])
 
-    def pop(self, slot: int) -> Optional[str]:
-        """Remove the task in ``slot``; returns the name of the task moved into it (or None)."""
+    def pop(self, task_id: int) -> Optional[str]:
+        """Remove task ``task_id``; returns the name of the task moved into its row (or None)."""
         last = self.count - 1
         moved = None
-        if slot != last:
+        if task_id != last:
             for t in self._data.values():
-                t[slot].copy_(t[last])
+                t[task_id].copy_(t[last])
             moved = self.names[last]
-            self.names[slot] = moved
+            self.names[task_id] = moved
         self.names.pop()
         if self.count <= self.capacity // 4 and self.capacity > _MIN_CAPACITY:
             self._shrink(max(_MIN_CAPACITY, 2 * self.count))
