@@ -16,6 +16,7 @@ from torch import nn
 __all__ = [
     "TASKS",
     "accepts",
+    "accepts_var_keywords",
     "base_model_info",
     "default_pooling",
     "detect_task",
@@ -24,6 +25,7 @@ __all__ = [
     "is_encoder_decoder",
     "is_plain_embedding",
     "length_limit",
+    "reads_last_position",
     "model_position_offset",
     "pad_token_id",
     "vocab_size",
@@ -172,3 +174,12 @@ def base_model_info(model: nn.Module) -> dict:
     return dict(name_or_path=name or None, model_class=type(model).__name__,
                 model_type=getattr(config, "model_type", None), embedding_dim=int(weight.shape[1]),
                 vocab_size=int(weight.shape[0]))
+
+
+def accepts_var_keywords(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``**kwargs`` (transformers' loss keywords go through)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)

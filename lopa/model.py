@@ -58,8 +58,14 @@ model's dtype when the inputs are assembled; gradients come back in float32.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import inspect
 import os
+import tempfile
 import warnings
+from dataclasses import asdict, dataclass, field
+from collections import OrderedDict
 from typing import Optional, Union
 
 import torch
@@ -70,6 +76,7 @@ from lopa.assemble import AssembledInputs, assemble_inputs, left_align
 from lopa.encoders import resolve_encoder, saved_encoder, shares_model
 from lopa.hf import (
     accepts,
+    accepts_var_keywords,
     base_model_info,
     default_pooling,
     detect_task,
@@ -82,11 +89,17 @@ from lopa.hf import (
 from lopa.modules import LoPAPrompt, PromptModule, PromptTuning, ULPTPrompt
 from lopa.saved import (
     CONFIG_NAME,
+    EXTRA_STATE_KEY,
     FORMAT,
     FORMAT_VERSION,
     METHODS,
+    PEFT_CONFIG_NAME,
     PEFT_TASK_TYPES,
+    STATE_PREFIX,
     WEIGHTS_NAME,
+    SavedPrompt,
+    config_from_tensor,
+    config_tensor,
     portable_name,
     read_config,
     read_prompt_folder,
@@ -103,8 +116,51 @@ _default_pooling = default_pooling
 _is_plain_embedding = is_plain_embedding
 _REEXPORTED = (FORMAT, METHODS, PEFT_TASK_TYPES, read_config, read_weights, model_position_offset)
 
+ADAPTER_NAME = "default"
+PEFT_TYPES = {"pt": "PROMPT_TUNING", "ulpt": "ULPT", "lopa": "LOPA"}
+
+# Base-model methods that would act on the base alone (or on PEFT adapters it does not hold):
+# refused with the reason, instead of silently passed through.
+BASE_ONLY = {
+    "enable_adapters": "a PromptTunedModel's prompt is always on; use disable_adapter() for a block without it",
+    "disable_adapters": "use the disable_adapter() context manager",
+    "get_adapter_state_dict": "the prompt's state is PromptTunedModel.state_dict()",
+    "enable_input_require_grads": "the assembled inputs already carry the prompt's gradient",
+    "init_weights": "it would re-initialise the frozen base model",
+    "post_init": "it would re-initialise the frozen base model",
+    "set_input_embeddings": "swap the embeddings on the base model before wrapping it",
+}
+
+
+@dataclass
+class PromptConfig:
+    """PEFT-style description of a PromptTunedModel's prompt (``model.peft_config["default"]``)."""
+
+    peft_type: str
+    method: str
+    task_type: Optional[str]
+    num_virtual_tokens: int
+    token_dim: int
+    base_model_name_or_path: Optional[str]
+    inference_mode: bool
+    prompt: dict = field(default_factory=dict)
+    num_transformer_submodules: int = 1
+    is_prompt_learning: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 # Tasks whose labels are one per input token (the prompt positions get -100).
 TOKEN_LEVEL_TASKS = ("causal_lm", "masked_lm", "token_cls")
+
+
+def _first_given(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _without_none(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def _require_integer(name: str, t: Tensor) -> None:
@@ -184,6 +240,7 @@ class PromptTunedModel(nn.Module):
             left_align = reads_last_position(base_model)
         self.left_align = bool(left_align)
         self._warned_position_ids = False
+        self._adapter_disabled = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -220,12 +277,23 @@ class PromptTunedModel(nn.Module):
         return cls(base_model, prompt, encoder, tokenizer=tokenizer)
 
     # ------------------------------------------------------------------ passthrough
+    def __setattr__(self, name: str, value) -> None:
+        if name == "forward" and _is_trl_fused_head(value, self):
+            # TRL's SFTTrainer patches the model it trains with a fused LM head that runs
+            # `model.base_model` as a headless backbone; for a PEFT model it patches the base model
+            # instead, whose forward the adapter calls with the prompted inputs.  Do the same here.
+            _fused_head_on_base(value, self.base_model)
+            return
+        super().__setattr__(name, value)
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             if name in ("base_model", "prompt", "encoder", "_modules", "_parameters", "_buffers"):
                 raise
+            if name in BASE_ONLY:
+                raise AttributeError(f"PromptTunedModel.{name} is not available: {BASE_ONLY[name]}") from None
             return getattr(self.base_model, name)
 
     @property
@@ -241,18 +309,129 @@ class PromptTunedModel(nn.Module):
 
     def get_nb_trainable_parameters(self):
         """``(trainable, all)`` parameter counts, as in PEFT (shared parameters counted once)."""
-        trainable = total = 0
-        for p in self.parameters():
-            n = p.numel()
-            total += n
-            if p.requires_grad:
-                trainable += n
-        return trainable, total
+        return self.num_parameters(only_trainable=True), self.num_parameters()
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters of the prompt and the frozen base (and a separate LoPA encoder), each
+        counted once; ``only_trainable`` counts the prompt's, as transformers' ``num_parameters``."""
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in skip and (p.requires_grad or not only_trainable))
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    # ------------------------------------------------------------------ PEFT's conventions
+    @property
+    def peft_config(self) -> dict:
+        """``{"default": PromptConfig}``, as PEFT's ``model.peft_config``."""
+        return {ADAPTER_NAME: self.active_peft_config}
+
+    @property
+    def active_peft_config(self) -> "PromptConfig":
+        trainable = any(p.requires_grad for p in self.prompt.parameters())
+        return PromptConfig(peft_type=PEFT_TYPES[self.method], method=self.method,
+                            task_type=PEFT_TASK_TYPES.get(self.task), num_virtual_tokens=self.num_virtual_tokens,
+                            token_dim=self.prompt.dim,
+                            base_model_name_or_path=portable_name(base_model_info(self.base_model)["name_or_path"]),
+                            inference_mode=not trainable, prompt=self.prompt.config())
+
+    @property
+    def active_adapter(self) -> str:
+        return ADAPTER_NAME
+
+    @property
+    def active_adapters(self) -> list:
+        return [ADAPTER_NAME]
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within the block, ``forward`` and ``generate`` run the base model alone (no prompt)."""
+        previous = self._adapter_disabled
+        self._adapter_disabled = True
+        try:
+            yield
+        finally:
+            self._adapter_disabled = previous
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether ``forward`` passes Trainer's ``num_items_in_batch`` on: when the base model takes it."""
+        base = self.base_model
+        if hasattr(base, "accepts_loss_kwargs"):
+            return bool(base.accepts_loss_kwargs)
+        return accepts_var_keywords(base)
+
+    @property
+    def loss_type(self):
+        """``None``: transformers.Trainer then counts every label when it scales the loss by
+        ``num_items_in_batch``.  With the prompt in front, even a row's first label is predicted
+        (by the last prompt row), so the base model's shifted count would miss one per row."""
+        return None
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        """The base model's ``resize_token_embeddings``, with the new tables frozen again."""
+        out = self.base_model.resize_token_embeddings(*args, **kwargs)
+        self.base_model.requires_grad_(False)
+        return out
+
+    def load_adapter(self, *args, **kwargs):
+        raise NotImplementedError(
+            "PromptTunedModel holds one prompt: load a saved one with PromptTunedModel.from_pretrained(folder, "
+            "base_model) (lopa folders and PEFT PROMPT_TUNING adapters), or serve many with lopa.PromptBank"
+        )
+
+    add_adapter = set_adapter = delete_adapter = load_adapter
+
+    def merge_and_unload(self, *args, **kwargs):
+        raise NotImplementedError("a soft prompt has no weights to merge into the base model: use "
+                                  "get_base_model() for the base alone, or disable_adapter() for a block")
+
+    unload = merge_and_unload
+
+    # ------------------------------------------------------------------ state dict (what Trainer saves)
+    def get_extra_state(self) -> Tensor:
+        """The prompt's config as a uint8 tensor: a saved ``state_dict()`` describes itself."""
+        return config_tensor(self.lopa_config())
+
+    def set_extra_state(self, state) -> None:
+        config = config_from_tensor(state, "the state dict's _extra_state")
+        mine = self.lopa_config()
+        for key in ("method", "prompt"):
+            if config[key] != mine[key]:
+                raise ValueError(f"the state dict holds a {config['method']!r} prompt {config['prompt']} but this "
+                                 f"model's is a {mine['method']!r} prompt {mine['prompt']}")
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The prompt only (``prompt.*``) and its config (``_extra_state``), never the frozen base
+        model or encoder: what ``transformers.Trainer`` checkpoints, and ``from_pretrained`` reads."""
+        if args:
+            raise TypeError("PromptTunedModel.state_dict takes keyword arguments only (destination=, prefix=, "
+                            "keep_vars=)")
+        if destination is None:
+            destination = OrderedDict()
+            destination._metadata = OrderedDict()
+        self.prompt.state_dict(destination=destination, prefix=prefix + STATE_PREFIX, keep_vars=keep_vars)
+        destination[prefix + EXTRA_STATE_KEY] = self.get_extra_state()
+        return destination
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load what :meth:`state_dict` returned (base-model keys are refused with ``strict``,
+        reported as unexpected otherwise: the base stays as it is)."""
+        if EXTRA_STATE_KEY in state_dict:
+            self.set_extra_state(state_dict[EXTRA_STATE_KEY])
+        prompt_state = {k[len(STATE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(STATE_PREFIX)}
+        other = [k for k in state_dict if not k.startswith(STATE_PREFIX) and k != EXTRA_STATE_KEY]
+        if other and strict:
+            raise ValueError(f"PromptTunedModel.load_state_dict takes the prompt's keys ({STATE_PREFIX}*); got "
+                             f"{sorted(other)[:5]}: the frozen base model is not part of its state")
+        result = self.prompt.load_state_dict(prompt_state, strict=strict, assign=assign)
+        return type(result)([STATE_PREFIX + k for k in result.missing_keys],
+                            [STATE_PREFIX + k for k in result.unexpected_keys] + other)
 
     # ------------------------------------------------------------------ input checks
     def _check_inputs(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, labels=None,
@@ -385,9 +564,26 @@ class PromptTunedModel(nn.Module):
             encoder_input_ids, encoder_attention_mask = input_ids, attention_mask
         return self.encoder(encoder_input_ids, encoder_attention_mask, keys=example_ids)
 
-    def get_prompt(self, pooled: Optional[Tensor] = None) -> Tensor:
-        """The materialised prompt: ``(m, d)`` (ULPT, PT) or ``(B, m, d)`` (LoPA, from ``pooled``)."""
-        return self.prompt(pooled)
+    def get_prompt(self, batch_size: Optional[int] = None, task_ids=None, *, pooled: Optional[Tensor] = None
+                   ) -> Tensor:
+        """The materialised prompt: ``(m, d)``, or ``(batch_size, m, d)`` as PEFT's ``get_prompt``
+        (a view, ULPT and PT); LoPA's is ``(B, m, d)`` from ``pooled`` ``(B, h)``."""
+        if isinstance(batch_size, Tensor) and pooled is None:  # the earlier get_prompt(pooled)
+            batch_size, pooled = None, batch_size
+        if task_ids is not None:
+            raise ValueError("task_ids: a PromptTunedModel holds one task's prompt; use lopa.PromptBank for many")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if self.prompt.needs_encoder:
+            if pooled is None:
+                raise ValueError("LoPA's prompt depends on the input: pass pooled (B, encoder_dim)")
+            prompt = self.prompt(pooled)
+            if batch_size is not None and batch_size != prompt.shape[0]:
+                raise ValueError(f"batch_size={batch_size} but pooled has {prompt.shape[0]} rows")
+            return prompt
+        prompt = self.prompt()
+        return prompt if batch_size is None else prompt.expand(batch_size, *prompt.shape)
 
     def build_inputs(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, pooled=None,
                      encoder_input_ids=None, encoder_attention_mask=None, example_ids=None) -> AssembledInputs:
@@ -415,7 +611,12 @@ class PromptTunedModel(nn.Module):
                 labels: Optional[Tensor] = None, *, inputs_embeds: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 pooled: Optional[Tensor] = None, encoder_input_ids: Optional[Tensor] = None,
-                encoder_attention_mask: Optional[Tensor] = None, example_ids=None, **kwargs):
+                encoder_attention_mask: Optional[Tensor] = None, example_ids=None,
+                return_dict: Optional[bool] = None, **kwargs):
+        if self._adapter_disabled:
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                   inputs_embeds=inputs_embeds, token_type_ids=token_type_ids,
+                                   position_ids=position_ids, return_dict=return_dict, **_without_none(kwargs))
         if position_ids is not None and not self._warned_position_ids:
             warnings.warn("PromptTunedModel computes position_ids itself (over real tokens); the ones passed are ignored",
                           stacklevel=2)
@@ -426,8 +627,9 @@ class PromptTunedModel(nn.Module):
         pooled = self._instance_vectors(input_ids, attention_mask, pooled, encoder_input_ids, encoder_attention_mask,
                                         example_ids)
         seq2seq = self.task == "seq2seq_lm"
-        per_token_labels = (labels is not None and not seq2seq and labels.dim() == 2
-                            and tuple(labels.shape) == tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2]))
+        per_token_labels = labels is not None and (self.task in TOKEN_LEVEL_TASKS or (
+            not seq2seq and labels.dim() == 2
+            and tuple(labels.shape) == tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])))
         if self.left_align and attention_mask is not None:
             attention_mask, input_ids, inputs_embeds, token_type_ids, moved_labels = left_align(
                 attention_mask, input_ids, inputs_embeds, token_type_ids, labels if per_token_labels else None)
@@ -442,8 +644,11 @@ class PromptTunedModel(nn.Module):
             model_kwargs["token_type_ids"] = asm.insert(token_type_ids, 0)
         if labels is not None:
             model_kwargs["labels"] = asm.insert(labels, -100) if per_token_labels else labels
-        output = self.base_model(**model_kwargs)
-        return self._strip_virtual(output, asm, seq2seq)
+        # A ModelOutput to find the token-level tensors by name; a tuple only at the end.
+        output = self._strip_virtual(self.base_model(**model_kwargs, return_dict=True), asm, seq2seq)
+        if return_dict is None:
+            return_dict = getattr(self.base_model.config, "return_dict", True)
+        return output if return_dict else output.to_tuple()
 
     @staticmethod
     def _strip_virtual(output, asm: AssembledInputs, seq2seq: bool):
@@ -469,9 +674,14 @@ class PromptTunedModel(nn.Module):
                  encoder_attention_mask: Optional[Tensor] = None, example_ids=None, **kwargs):
         """Generate with the prompt in place; returns real tokens only (see the module docstring).
 
-        Decoder-only models need left padding; right-padded rows are left-aligned first
-        (with a warning), and the returned prefix is the left-aligned input.
+        ``max_length`` / ``min_length`` count the input tokens and the new ones, as in PEFT and
+        transformers (the prompt rows are not part of them).  Decoder-only models generate from
+        left-aligned rows; right-padded input comes back as given, followed by the new tokens.
         """
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        if self._adapter_disabled:
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if input_ids is None:
             raise ValueError("generate() needs input_ids (B, L)")
         self._check_inputs(input_ids, attention_mask, pooled=pooled, encoder_input_ids=encoder_input_ids,
@@ -479,18 +689,17 @@ class PromptTunedModel(nn.Module):
         pooled = self._instance_vectors(input_ids, attention_mask, pooled, encoder_input_ids, encoder_attention_mask,
                                         example_ids)
         seq2seq = self.task == "seq2seq_lm"
-        if not seq2seq and attention_mask is not None:
-            aligned = left_align(attention_mask, input_ids)
-            if aligned[0] is not attention_mask:
-                warnings.warn("generate() needs left padding: right-padded rows were left-aligned "
-                              "(set tokenizer.padding_side = 'left')", stacklevel=2)
-                attention_mask, input_ids = aligned
+        given = input_ids
+        if not seq2seq:
+            kwargs = self._lengths_without_prompt(kwargs, input_ids.shape[1])
+            if attention_mask is not None:
+                attention_mask, input_ids = left_align(attention_mask, input_ids)
         asm = self._assemble(input_ids, attention_mask, None, pooled)
         out = self.base_model.generate(inputs_embeds=asm.inputs_embeds, attention_mask=asm.attention_mask, **kwargs)
         if seq2seq:
             return out
         sequences = out if isinstance(out, Tensor) else out.sequences
-        prefix = input_ids
+        prefix = given
         if sequences.shape[0] != prefix.shape[0]:
             prefix = prefix.repeat_interleave(sequences.shape[0] // prefix.shape[0], dim=0)
         full = torch.cat([prefix.to(sequences.dtype), sequences], dim=1)
@@ -498,6 +707,28 @@ class PromptTunedModel(nn.Module):
             return full
         out.sequences = full
         return out
+
+    def _lengths_without_prompt(self, kwargs: dict, length: int) -> dict:
+        """``max_length`` / ``min_length`` as PEFT counts them (input + new tokens), turned into
+        ``max_new_tokens`` / ``min_new_tokens``: generating from ``inputs_embeds``, transformers
+        would count the prompt rows too."""
+        kwargs = dict(kwargs)
+        config = copy.deepcopy(kwargs.get("generation_config") or self.base_model.generation_config)
+        max_new = _first_given(kwargs.pop("max_new_tokens", None), config.max_new_tokens)
+        min_new = _first_given(kwargs.pop("min_new_tokens", None), config.min_new_tokens)
+        max_length = _first_given(kwargs.pop("max_length", None), config.max_length)
+        min_length = _first_given(kwargs.pop("min_length", None), config.min_length)
+        if max_new is None and max_length is not None:
+            if max_length <= length:
+                raise ValueError(f"max_length={max_length} leaves no room for new tokens after the {length} input "
+                                 "tokens (it counts the input and the new tokens); raise it or pass max_new_tokens")
+            max_new = max_length - length
+        if min_new is None and min_length:
+            min_new = max(min_length - length, 0)
+        config.max_new_tokens, config.min_new_tokens = max_new, min_new
+        config.max_length, config.min_length = None, 0
+        kwargs["generation_config"] = config
+        return kwargs
 
     # ------------------------------------------------------------------ save / load
     def _base_info(self, directory=None) -> dict:
@@ -532,25 +763,76 @@ class PromptTunedModel(nn.Module):
     def _prompt_state(self) -> dict:
         return {k: v.detach() for k, v in self.prompt.state_dict().items()}
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
-        """Write ``lopa_config.json`` and ``lopa_model.safetensors`` (the prompt only)."""
-        write_prompt_folder(save_directory, self.lopa_config(save_directory), self._prompt_state())
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *, state_dict: Optional[dict] = None,
+                        safe_serialization: bool = True, is_main_process: bool = True, push_to_hub: bool = False,
+                        **hub_kwargs) -> None:
+        """Write ``lopa_config.json`` and ``lopa_model.safetensors`` (the prompt only).
+
+        The keywords are transformers' and PEFT's: ``state_dict`` (a :meth:`state_dict`, e.g.
+        gathered by Trainer), ``is_main_process`` (other ranks write nothing),
+        ``push_to_hub`` (then ``repo_id`` and the :meth:`push_to_hub` keywords).  The weights
+        are always safetensors; ``safe_serialization=False`` is refused.
+        """
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False: lopa writes safetensors only (a pickled file could carry code)")
+        if hub_kwargs and not push_to_hub:
+            raise TypeError(f"save_pretrained got unexpected keyword arguments {sorted(hub_kwargs)}")
+        if not is_main_process:
+            return
+        state = self._prompt_state()
+        if state_dict is not None:
+            loaded = {k[len(STATE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(STATE_PREFIX)}
+            if set(loaded) != set(state):
+                raise ValueError(f"state_dict must hold this prompt's tensors {sorted(STATE_PREFIX + k for k in state)}, "
+                                 f"got {sorted(state_dict)[:8]}")
+            state = {k: v.detach() for k, v in loaded.items()}
+        write_prompt_folder(save_directory, self.lopa_config(save_directory), state)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(os.fspath(save_directory)))
+            self._upload_folder(repo_id, os.fspath(save_directory), **hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None, private: Optional[bool] = None,
+                    token=None, revision: Optional[str] = None, create_pr: bool = False):
+        """Upload the prompt folder (:meth:`save_pretrained`'s two files, never the base model) to
+        the Hugging Face Hub repository ``repo_id``."""
+        if not isinstance(repo_id, str) or not repo_id:
+            raise ValueError(f"repo_id must be a Hub repository name such as 'user/my-prompt', got {repo_id!r}")
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return self._upload_folder(repo_id, folder, commit_message=commit_message, private=private, token=token,
+                                       revision=revision, create_pr=create_pr)
+
+    @staticmethod
+    def _upload_folder(repo_id: str, folder: str, *, commit_message=None, private=None, token=None, revision=None,
+                       create_pr=False):
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
+                                 commit_message=commit_message or "Upload lopa prompt", create_pr=create_pr)
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], base_model: nn.Module, encoder=None, *,
                         method: Optional[str] = None, is_trainable: bool = False, tokenizer=None,
+                        ignore_base_mismatch: bool = False, load_heads: bool = False,
                         **kwargs) -> "PromptTunedModel":
-        """Load a prompt saved by :meth:`save_pretrained` onto ``base_model``.
+        """Load a saved prompt onto ``base_model``: a :meth:`save_pretrained` folder, a folder where
+        ``transformers.Trainer`` saved this model, or a PEFT ``PROMPT_TUNING`` adapter.
 
         Everything is checked before the model is built (a bad file never gives a
         half-loaded model): the config's fields and ``method`` (against ``method=`` when
         given), the weights file's integrity and method, the tensor names and shapes, and
-        the dimensions against ``base_model`` and the encoder.  LoPA needs its encoder:
-        ``encoder=`` (an :class:`InstanceEncoder` or model), else the saved name is loaded
-        when it is ``"base"`` or a local folder.
+        the dimensions against ``base_model`` and the encoder.  A base model whose vocabulary
+        size, model type or task differs from the saved one is refused
+        (``ignore_base_mismatch=True``: a warning instead).  LoPA needs its encoder:
+        ``encoder=`` (an :class:`InstanceEncoder`, a model or a folder), else the saved one
+        when it is the base model or a folder inside the checkpoint.  A PEFT sequence- or
+        token-classification adapter holds its trained head: it must equal the base model's,
+        or ``load_heads=True`` copies it into the base model.
         """
         saved = read_prompt_folder(directory, method=method)
-        if not hasattr(base_model, "get_input_embeddings"):
+        if not isinstance(base_model, nn.Module) or not hasattr(base_model, "get_input_embeddings"):
             raise TypeError(f"base_model must be a loaded Hugging Face model, got {type(base_model).__name__}")
         width = base_model.get_input_embeddings().weight.shape[1]
         if saved.prompt["dim"] != width:
@@ -558,15 +840,28 @@ class PromptTunedModel(nn.Module):
                 f"{directory} holds a prompt of dim {saved.prompt['dim']} (base model "
                 f"{saved.base_model.get('name_or_path')!r}) but {type(base_model).__name__}'s embeddings have width {width}"
             )
+        _check_same_base(saved, base_model, ignore_base_mismatch)
         if saved.method == "lopa":
             encoder = encoder if encoder is not None else saved_encoder(saved.encoder, base_model, saved.directory)
         elif encoder is not None:
             raise ValueError(f"{directory} holds a {saved.method!r} prompt, which takes no encoder")
+        _check_heads(saved, base_model, load_heads)
         model = cls(base_model, saved.build(), encoder, tokenizer=tokenizer, **kwargs)
+        if saved.heads and load_heads:
+            _copy_heads(saved, base_model)
         if not is_trainable:
             model.prompt.requires_grad_(False)
             model.eval()
         return model
+
+    @classmethod
+    def from_peft(cls, directory: Union[str, os.PathLike], base_model: nn.Module, **kwargs) -> "PromptTunedModel":
+        """Load a PEFT ``PROMPT_TUNING`` adapter folder as a ``"pt"`` prompt (see :meth:`from_pretrained`
+        for the keywords)."""
+        if not isinstance(directory, (str, os.PathLike)) or \
+                not os.path.isfile(os.path.join(os.fspath(directory), PEFT_CONFIG_NAME)):
+            raise FileNotFoundError(f"{directory} has no {PEFT_CONFIG_NAME}: not a PEFT adapter folder")
+        return cls.from_pretrained(directory, base_model, **kwargs)
 
     # ------------------------------------------------------------------ PEFT export
     def export_peft(self, save_directory: Union[str, os.PathLike]) -> None:
@@ -593,3 +888,67 @@ class PromptTunedModel(nn.Module):
         write_peft_folder(save_directory, embeddings, task=self.task, base_model=self._base_info(),
                           heads=heads, num_attention_heads=getattr(config, "num_attention_heads", None),
                           num_layers=getattr(config, "num_hidden_layers", None))
+
+
+# ---------------------------------------------------------------------- TRL
+def _is_trl_fused_head(value, model: nn.Module) -> bool:
+    function = getattr(value, "__func__", None)
+    # functools.wraps gives the patch our forward's name and module: look at its code and globals.
+    return (getattr(value, "__self__", None) is model and function is not None
+            and getattr(function, "__code__", None) is not None and function.__code__.co_name == "_fused_forward"
+            and str(getattr(function, "__globals__", {}).get("__name__", "")).startswith("trl."))
+
+
+def _fused_head_on_base(patched, base_model: nn.Module) -> None:
+    """Apply TRL's fused LM head (with the arguments it was built with) to ``base_model``."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    settings = inspect.getclosurevars(patched.__func__).nonlocals
+    try:
+        arguments = {k: settings[k] for k in ("temperature", "cast_lm_head_to_fp32", "outputs")}
+    except KeyError as exc:
+        raise RuntimeError(f"this TRL version's fused LM head has no {exc.args[0]!r} setting; lopa cannot move it "
+                           "onto the base model (please report the TRL version)") from None
+    add_fused_lm_head(base_model, **arguments)
+
+
+# ---------------------------------------------------------------------- loading checks
+def _check_same_base(saved: SavedPrompt, base_model: nn.Module, ignore: bool) -> None:
+    """The saved vocabulary size, model type and task against ``base_model``'s (where known)."""
+    info = base_model_info(base_model)
+    mine = dict(vocab_size=info["vocab_size"], model_type=info["model_type"], task=detect_task(base_model))
+    theirs = dict(saved.base_model, task=saved.task)
+    differ = [f"{key} {theirs[key]!r} (this base model: {mine[key]!r})" for key in mine
+              if theirs.get(key) is not None and mine[key] is not None and theirs[key] != mine[key]]
+    if not differ:
+        return
+    message = (f"{saved.directory} was trained on another base model ({saved.base_model.get('name_or_path')!r}): "
+               + "; ".join(differ))
+    if not ignore:
+        raise ValueError(message + ". Pass ignore_base_mismatch=True to load it anyway")
+    warnings.warn(message, stacklevel=3)
+
+
+def _check_heads(saved: SavedPrompt, base_model: nn.Module, load: bool) -> None:
+    for head, state in saved.heads.items():
+        module = getattr(base_model, head, None)
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"{saved.directory} holds a trained {head!r} head (PEFT modules_to_save) but "
+                             f"{type(base_model).__name__} has no module {head!r}")
+        mine = module.state_dict()
+        if set(mine) != set(state) or any(tuple(mine[k].shape) != tuple(v.shape) for k, v in state.items()):
+            raise ValueError(f"{saved.directory}: the {head!r} head has tensors "
+                             f"{ {k: tuple(v.shape) for k, v in state.items()} } but the base model's has "
+                             f"{ {k: tuple(v.shape) for k, v in mine.items()} }")
+        same = all(torch.equal(mine[k].detach().cpu(), v.to(mine[k].dtype)) for k, v in state.items())
+        if not same and not load:
+            raise ValueError(f"{saved.directory} trained the {head!r} head too (PEFT modules_to_save) and it differs "
+                             "from the base model's; lopa keeps the base frozen: pass load_heads=True to copy the "
+                             "adapter's head into the base model")
+
+
+def _copy_heads(saved: SavedPrompt, base_model: nn.Module) -> None:
+    with torch.no_grad():
+        for head, state in saved.heads.items():
+            for key, param in getattr(base_model, head).state_dict(keep_vars=True).items():
+                param.copy_(state[key].to(device=param.device, dtype=param.dtype))

@@ -17,7 +17,9 @@ weights file's header *before* any tensor is read or any module is built, so a d
 or hostile folder gives one ``ValueError`` naming the file and the field (never a large
 allocation, a ``RecursionError`` or an ``AttributeError`` from deep inside).
 
-A PEFT ``PROMPT_TUNING`` adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``
+A folder where ``transformers.Trainer`` saved a :class:`lopa.PromptTunedModel`
+(``model.safetensors``: its prompt-only ``state_dict()``, the config carried as the
+``_extra_state`` uint8 tensor) is read the same way.  A PEFT ``PROMPT_TUNING`` adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``
 or ``adapter_model.bin``, the latter read with ``torch.load(weights_only=True)``, never
 unpickling code) is read as a lopa ``"pt"`` prompt; :func:`write_peft_folder` writes one.
 """
@@ -43,6 +45,8 @@ __all__ = [
     "FORMAT_VERSION",
     "PEFT_CONFIG_NAME",
     "SavedPrompt",
+    "config_from_tensor",
+    "config_tensor",
     "portable_name",
     "prompt_tensor_shapes",
     "read_config",
@@ -58,6 +62,10 @@ FORMAT = "lopa"
 FORMAT_VERSION = 1
 METHODS = ("ulpt", "lopa", "pt")
 PEFT_CONFIG_NAME = "adapter_config.json"
+# transformers.Trainer saves a model that is not a PreTrainedModel as its state_dict() here.
+STATE_DICT_NAME = "model.safetensors"
+STATE_PREFIX = "prompt."
+EXTRA_STATE_KEY = "_extra_state"
 PEFT_SAFETENSORS_NAME = "adapter_model.safetensors"
 PEFT_BIN_NAME = "adapter_model.bin"
 PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq_lm": "SEQ_2_SEQ_LM",
@@ -193,21 +201,26 @@ def _read_json(path: str) -> dict:
         if size > MAX_CONFIG_BYTES:
             raise ValueError(f"{path} is {size} bytes, far larger than a prompt config (limit {MAX_CONFIG_BYTES})")
         with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
-        data = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ValueError(f"{path} is nested too deeply to be a prompt config") from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text ({exc}); the checkpoint is corrupt") from None
+            data = f.read()
     except OSError as exc:
         raise ValueError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    return parse_json(data, path)
+
+
+def parse_json(data: bytes, where: str) -> dict:
+    """A JSON object from ``data``; ``ValueError`` naming ``where`` for anything else (deep nesting,
+    NaN, huge numbers, other encodings included)."""
+    try:
+        parsed = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to be a prompt config") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where} is not UTF-8 text ({exc}); the checkpoint is corrupt") from None
     except ValueError as exc:
-        if str(exc).startswith(path):
-            raise
-        raise ValueError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+        raise ValueError(f"{where} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{where} must hold a JSON object, got {type(parsed).__name__}")
+    return parsed
 
 
 def _reject_constant(name: str):
@@ -336,18 +349,67 @@ def read_weights(directory, config: dict) -> Dict[str, Tensor]:
             raise ValueError(f"{path} holds a {file_method!r} prompt but {CONFIG_NAME} says {method!r}: "
                              "the files come from different checkpoints")
         header = _header(handle)
-        missing, unexpected = sorted(set(shapes) - set(header)), sorted(set(header) - set(shapes))
-        if missing or unexpected:
-            raise ValueError(f"{path} does not match a {method!r} prompt: missing {missing}, unexpected {unexpected}")
-        for key, (shape, dtype) in header.items():
-            if shape != shapes[key]:
-                raise ValueError(f"{path}: tensor {key!r} has shape {shape} but the config {_show(prompt)} needs "
-                                 f"{shapes[key]}")
-            if dtype != "F32":
-                raise ValueError(f"{path}: tensor {key!r} has dtype {dtype}, expected F32 (float32)")
+        _check_header(path, header, shapes, method, prompt)
         state = _load_tensors(handle, path, header)
     _check_finite(path, state)
     return state
+
+
+def _check_header(path: str, header: Dict[str, Tuple[Tuple[int, ...], str]], shapes: Dict[str, Tuple[int, ...]],
+                  method: str, prompt: dict) -> None:
+    missing, unexpected = sorted(set(shapes) - set(header)), sorted(set(header) - set(shapes))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match a {method!r} prompt: missing {missing}, unexpected {unexpected}")
+    for key, (shape, dtype) in header.items():
+        if shape != shapes[key]:
+            raise ValueError(f"{path}: tensor {key!r} has shape {shape} but the config {_show(prompt)} needs "
+                             f"{shapes[key]}")
+        if dtype != "F32":
+            raise ValueError(f"{path}: tensor {key!r} has dtype {dtype}, expected F32 (float32)")
+
+
+# ----------------------------------------------------------------------------- state dicts
+def config_tensor(config: dict) -> Tensor:
+    """The config as a uint8 tensor: how a ``PromptTunedModel.state_dict()`` carries it (its
+    ``_extra_state``), so a bare state-dict file is self-describing."""
+    data = json.dumps(config, sort_keys=True).encode("utf-8")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def config_from_tensor(value, where: str) -> dict:
+    """Inverse of :func:`config_tensor`, validated like ``lopa_config.json``."""
+    if not isinstance(value, Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+        raise ValueError(f"{where}: {EXTRA_STATE_KEY} must be the uint8 config tensor of a lopa state dict, got "
+                         f"{_show(value) if not isinstance(value, Tensor) else (value.dtype, tuple(value.shape))}")
+    if value.numel() > MAX_CONFIG_BYTES:
+        raise ValueError(f"{where}: {EXTRA_STATE_KEY} holds {value.numel()} bytes, far larger than a prompt config")
+    return check_config(parse_json(value.cpu().numpy().tobytes(), where), where)
+
+
+def read_state_folder(directory) -> SavedPrompt:
+    """A folder where ``transformers.Trainer`` saved a ``PromptTunedModel``: its prompt-only
+    ``state_dict()`` in ``model.safetensors`` (the config travels as ``_extra_state``)."""
+    directory = _check_directory(directory)
+    path = os.path.join(directory, STATE_DICT_NAME)
+    with _open_safetensors(path) as handle:
+        header = _header(handle)
+        spec = header.pop(EXTRA_STATE_KEY, None)
+        if spec is None:
+            raise ValueError(f"{path} is not a lopa prompt state dict (no {EXTRA_STATE_KEY} config tensor): was it "
+                             "saved from a PromptTunedModel?")
+        if spec[1] != "U8" or len(spec[0]) != 1 or spec[0][0] > MAX_CONFIG_BYTES:
+            raise ValueError(f"{path}: {EXTRA_STATE_KEY} must be a 1-D uint8 config of at most {MAX_CONFIG_BYTES} "
+                             f"bytes, got {spec[1]} {spec[0]}")
+        where = f"{path} ({EXTRA_STATE_KEY})"
+        config = config_from_tensor(_load_tensors(handle, path, [EXTRA_STATE_KEY])[EXTRA_STATE_KEY], where)
+        method, prompt = config["method"], config["prompt"]
+        shapes = {STATE_PREFIX + k: v for k, v in prompt_tensor_shapes(method, prompt).items()}
+        _check_header(path, header, shapes, method, prompt)
+        state = _load_tensors(handle, path, header)
+    _check_finite(path, state)
+    state = {k[len(STATE_PREFIX):]: v for k, v in state.items()}
+    return SavedPrompt(directory, method, prompt, state, config["base_model"], config.get("encoder"),
+                       config.get("task"), virtual_tokens(method, prompt), source="state_dict")
 
 
 def read_prompt_folder(directory, *, method: Optional[str] = None) -> SavedPrompt:
@@ -358,9 +420,12 @@ def read_prompt_folder(directory, *, method: Optional[str] = None) -> SavedPromp
     folder or file and ``ValueError`` (naming the file and the field) for anything else.
     """
     directory = _check_directory(directory)
-    if not os.path.isfile(os.path.join(directory, CONFIG_NAME)) and \
-            os.path.isfile(os.path.join(directory, PEFT_CONFIG_NAME)):
+    has = {name: os.path.isfile(os.path.join(directory, name)) for name in (CONFIG_NAME, PEFT_CONFIG_NAME,
+                                                                            STATE_DICT_NAME)}
+    if not has[CONFIG_NAME] and has[PEFT_CONFIG_NAME]:
         saved = read_peft_folder(directory)
+    elif not has[CONFIG_NAME] and has[STATE_DICT_NAME]:
+        saved = read_state_folder(directory)
     else:
         config = read_config(directory)
         _check_method(directory, config["method"], method)
@@ -472,7 +537,7 @@ def _peft_heads(path: str, tensors: Dict[str, Tensor], modules: list) -> Dict[st
 
 
 # ----------------------------------------------------------------------------- writing
-def portable_name(name: Optional[str], directory) -> Optional[str]:
+def portable_name(name: Optional[str], directory=None) -> Optional[str]:
     """A model name to store in a checkpoint at ``directory``: never this machine's absolute path.
 
     A hub id stays as it is; a local folder inside the checkpoint becomes a path relative to
@@ -485,6 +550,8 @@ def portable_name(name: Optional[str], directory) -> Optional[str]:
         if not os.path.isdir(name):
             return name
         name = os.path.abspath(name)
+    if directory is None:
+        return os.path.basename(os.path.normpath(name))
     relative = os.path.relpath(name, os.path.abspath(os.fspath(directory)))
     if relative != os.pardir and not relative.startswith(os.pardir + os.sep):
         return relative
