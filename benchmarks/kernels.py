@@ -5,6 +5,8 @@ machine, device and library versions), ``kernels.md`` (the README table) and PNG
 
     python benchmarks/kernels.py --out out/bench            # sweep on the default device
     python benchmarks/kernels.py --quick --out out/bench    # the headline shapes only
+    python benchmarks/kernels.py --crossover --threads 1 --min-time 0.3 --out out/cross
+        # CPU: C++ kernel vs the BLAS-backed reference across ranks (where "auto" switches)
 """
 from __future__ import annotations
 
@@ -38,6 +40,55 @@ MIN_TIME_S = 0.2  # per (shape, provider, mode) on the CPU; --min-time sets it
 HEADLINE = [GatedShape(32, 32, 4, 2048), UlptShape(100, 2, 2048)]
 # Large enough to stream from HBM rather than be launch-bound: where "% of copy" is fair.
 GPU_STREAMING = [GatedShape(256, 64, 4, 4096), GatedShape(1024, 32, 8, 4096), UlptShape(100, 64, 4096, B=256)]
+
+
+# Ranks around the C++ kernels' crossover with the BLAS-backed reference, at the headline
+# shapes (see lopa._backends.CPP_MAX_RANK, which these measurements set).
+CROSSOVER_RANKS = {"lopa_gate": (2, 4, 6, 8, 10, 12, 16, 24, 32, 64), "ulpt": (2, 8, 16, 24, 32, 48, 64, 128, 256)}
+
+
+def crossover_shapes() -> List:
+    gate = [GatedShape(32, 32, r, 2048) for r in CROSSOVER_RANKS["lopa_gate"]]
+    return gate + [UlptShape(100, r, 2048) for r in CROSSOVER_RANKS["ulpt"]]
+
+
+def run_crossover(device: torch.device, dtype_name: str, rounds: int, log=print) -> List[Dict]:
+    """reference vs cpp vs auto per (shape, mode), taking turns over ``rounds`` rounds and
+    keeping each provider's best median: on a shared machine the load changes between
+    measurements, and taking turns exposes every provider to it alike."""
+    dtype = DTYPE_NAMES[dtype_name]
+    info = machine_info(device)
+    rows = []
+    for shape in crossover_shapes():
+        for mode in ("fwd", "fwd+bwd"):
+            best: Dict[str, Dict[str, float]] = {}
+            for _ in range(rounds):
+                for provider in ("reference", "cpp", "auto"):
+                    timing = time_ms(mode_callable(op_function(shape, provider), make_inputs(shape, dtype, device), mode),
+                                     device, min_time_s=MIN_TIME_S)
+                    if provider not in best or timing["median_ms"] < best[provider]["median_ms"]:
+                        best[provider] = timing
+            ref = best["reference"]["median_ms"]
+            for provider, timing in best.items():
+                rows.append({"op": shape.op, "provider": provider, "mode": mode, "dtype": dtype_name,
+                             "shape": shape.label(), **timing, "speedup_vs_reference": ref / timing["median_ms"], **info})
+            log(f"  {shape.op:9} {shape.label():28} {mode:8} threads {info['cpu_threads']}: reference {ref:8.3f} ms, "
+                f"cpp {best['cpp']['median_ms']:8.3f} ms ({ref / best['cpp']['median_ms']:.2f}x), "
+                f"auto {best['auto']['median_ms']:8.3f} ms ({ref / best['auto']['median_ms']:.2f}x)")
+    return rows
+
+
+def crossover_table(rows: List[Dict]) -> str:
+    lines = ["| op | shape | mode | threads | reference ms | cpp ms | cpp vs reference | auto ms | auto vs reference |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    groups: Dict[tuple, Dict[str, Dict]] = {}
+    for row in rows:
+        groups.setdefault((row["op"], row["shape"], row["mode"], row["cpu_threads"]), {})[row["provider"]] = row
+    for (op, shape, mode, threads), by in groups.items():
+        ref, cpp, auto = by["reference"], by["cpp"], by["auto"]
+        lines.append(f"| {op} | {shape} | {mode} | {threads} | {ref['median_ms']:.3f} | {cpp['median_ms']:.3f} | "
+                     f"{cpp['speedup_vs_reference']:.2f}× | {auto['median_ms']:.3f} | {auto['speedup_vs_reference']:.2f}× |")
+    return "\n".join(lines)
 
 
 def sweep_shapes(device: torch.device, quick: bool) -> List:
@@ -189,15 +240,43 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="only the headline shapes")
     parser.add_argument("--min-time", type=float, default=MIN_TIME_S,
                         help="CPU: seconds of repeated calls per measurement (default 0.2)")
+    parser.add_argument("--crossover", action="store_true",
+                        help="CPU: C++ kernel vs reference vs auto across ranks (writes crossover.csv / .md)")
+    parser.add_argument("--rounds", type=int, default=3, help="--crossover: rounds the providers take turns over")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     globals()["MIN_TIME_S"] = args.min_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = default_device()
+    if args.crossover:
+        return crossover_main(device, args)
     providers = args.providers.split(",") if args.providers else providers_for(device)
     os.makedirs(args.out, exist_ok=True)
     rows = run_sweep(device, args.dtypes.split(","), args.quick, providers, save=lambda rows: save(rows, args.out, device))
     save(rows, args.out, device)
     plot(rows, os.path.join(args.out, "kernels.png"))
     print(markdown_table(rows))
+    return 0
+
+
+def crossover_main(device: torch.device, args) -> int:
+    os.makedirs(args.out, exist_ok=True)
+    # Discarded, like the sweep's warm-up case (allocator and thread-pool start-up).
+    run_crossover_warmup = mode_callable(op_function(HEADLINE[0], "reference"), make_inputs(HEADLINE[0], torch.float32, device), "fwd+bwd")
+    time_ms(run_crossover_warmup, device, min_time_s=MIN_TIME_S)
+    rows = run_crossover(device, args.dtypes.split(",")[0], args.rounds)
+    threads = torch.get_num_threads()
+    with open(os.path.join(args.out, f"crossover-{threads}t.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = crossover_table(rows)
+    with open(os.path.join(args.out, f"crossover-{threads}t.md"), "w") as f:
+        info = machine_info(device)
+        f.write(f"CPU: {info['cpu']}, {threads} torch threads, torch {info['torch']}; best of {args.rounds} rounds "
+                f"of {MIN_TIME_S} s medians, providers taking turns\n\n{table}\n")
+    print(table)
     return 0
 
 

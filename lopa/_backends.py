@@ -1,8 +1,10 @@
 """Which implementation runs a call: reference PyTorch, the C++ extension or Triton.
 
-``auto`` picks Triton for CUDA tensors, the C++ kernels for CPU tensors and the
-reference path otherwise (float64 on CUDA, or a missing extension).  Asking for a
-backend by name that cannot run raises a clear error instead of silently falling back.
+``auto`` picks Triton for CUDA tensors, the C++ kernels for CPU tensors up to the rank
+where they stop beating BLAS (:data:`CPP_MAX_RANK`), and the reference path otherwise
+(float64 on CUDA, large ranks on the CPU, or a missing extension).  Asking for a backend
+by name that cannot run raises a clear error instead of silently falling back; a backend
+asked for by name always runs, whatever the rank.
 """
 from __future__ import annotations
 
@@ -15,7 +17,25 @@ from typing import Callable, List, NamedTuple, Optional
 import torch
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
-BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the lopa source tree"
+
+# Largest rank r at which ``auto`` runs the C++ kernels on the CPU, for calls that only
+# need the forward ("forward": inference, no input requires grad) and for calls that will
+# be differentiated ("training": forward + backward).  Above it the BLAS-backed reference
+# (``bmm`` / ``matmul`` forward, autograd backward) is at least as fast: the C++ kernels
+# build the rank-r product with register-blocked loops, which win while the op is bound
+# by its elementwise work (the gate's sigmoid) and lose to BLAS once the r multiply-adds
+# per element dominate.  Chosen from ``python benchmarks/kernels.py --crossover --threads 1``
+# (gate B=32 m=32 d=2048, ULPT n=100 d=2048, float32, best of 3 alternating rounds) on a
+# shared 2-core AMD EPYC (AVX2), docs/results/cpu/crossover-1t.md:
+# * gate, C++ vs reference: r=8 fwd 1.3-1.6x, fwd+bwd 1.9-2.4x; r=10 fwd 1.1x, fwd+bwd
+#   1.6x; r=12 fwd 0.9-1.0x, fwd+bwd 0.9-1.4x; r=16 fwd 0.7-0.8x, fwd+bwd 0.75-1.0x;
+#   r=64 fwd 0.3-0.6x, fwd+bwd 0.3-0.4x.
+# * ULPT fwd+bwd: r=16 0.9-1.3x, r=24 1.15x, r=32 0.9x, r=64 0.4-0.9x; fwd alone stays
+#   within noise of the reference (0.9-1.2x) from r=32 to 256 and wins below.
+CPP_MAX_RANK = {
+    "gated_prompt": {"forward": 10, "training": 10},
+    "ulpt": {"forward": 64, "training": 16},
+}
 
 
 class Backend(NamedTuple):
@@ -106,16 +126,25 @@ def _warn_cpp_missing_once() -> None:
     )
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: Optional[str] = None,
+            rank: Optional[int] = None, training: bool = True) -> Backend:
+    """The backend that runs ``op`` (a key of :data:`CPP_MAX_RANK`) at rank ``rank``;
+    ``training``: the result will be differentiated."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if backend == "auto":
+        if device.type == "cpu" and op is not None and rank is not None and rank > cpp_max_rank(op, training):
+            return _reference_backend()
         return _auto(device, dtype)
     if backend == "reference":
         return _reference_backend()
     if backend == "cpp":
         return _require_cpp(device)
     return _require_triton(device, dtype)
+
+
+def cpp_max_rank(op: str, training: bool) -> int:
+    return CPP_MAX_RANK[op]["training" if training else "forward"]
 
 
 def _auto(device: torch.device, dtype: torch.dtype) -> Backend:

@@ -51,7 +51,7 @@ def gated_lowrank_prompt(
         the rows that used it and unused tasks get zeros.
     """
     bank, task_ids = gated_bank(zs, u, v, task_ids)
-    impl = _backends.resolve(backend, zs.device, zs.dtype)
+    impl = _backends.resolve(backend, zs.device, zs.dtype, "gated_prompt", u.shape[2], _differentiated(zs, u, v))
     return impl.gated_prompt(bank, u, v, task_ids)
 
 
@@ -132,9 +132,14 @@ def ulpt_prompt(
             "(T, n, r) to select tasks per row"
         )
     task_ids = check_task_ids(task_ids, None, num_tasks, z.device)
-    impl = _backends.resolve(backend, z.device, z.dtype)
+    impl = _backends.resolve(backend, z.device, z.dtype, "ulpt", rank, _differentiated(z, proj, scale, shift))
     out = impl.ulpt(bank, proj, scale, shift, task_ids)
     return out.squeeze(0) if single else out
+
+
+def _differentiated(*inputs: Tensor) -> bool:
+    """Whether autograd will record this call (its backward may run)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
 def _per_task_vector(name: str, t: Tensor, num_tasks: int, dim: int, single: bool) -> Tensor:

@@ -424,3 +424,35 @@ def check_triton_out_of_range_ids():
 def _check_flagged_rows(got, want, good, flagged):
     assert torch.isnan(got[flagged.to(got.device)]).all()
     assert_matches_reference(got[good.to(got.device)], want[good.to(want.device)], torch.float32, "valid rows")
+
+
+# ----------------------------------------------------------------------------- auto dispatch
+def _gate_call(rank, requires_grad, backend):
+    g = torch.Generator().manual_seed(17)
+    zs, u, v = (randn(s, torch.float32, "cpu", g) for s in ((6, 40), (3, 6, rank), (3, rank, 40)))
+    with torch.set_grad_enabled(requires_grad):
+        return lopa.gated_lowrank_prompt(zs.requires_grad_(requires_grad), u, v, backend=backend).detach()
+
+
+def _ulpt_call(rank, requires_grad, backend):
+    g = torch.Generator().manual_seed(18)
+    z, proj, scale, shift = (randn(s, torch.float32, "cpu", g) for s in ((5, rank), (rank, 40), (40,), (40,)))
+    return lopa.ulpt_prompt(z.requires_grad_(requires_grad), proj, scale, shift, backend=backend).detach()
+
+
+@pytest.mark.parametrize("op,call", [("gated_prompt", _gate_call), ("ulpt", _ulpt_call)])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+def test_auto_hands_large_ranks_to_the_blas_path(op, call, training):
+    """On the CPU, auto runs the C++ kernel up to CPP_MAX_RANK and the reference above it
+    (the two differ in the last bits, so bitwise equality tells which one ran);
+    backend='cpp' runs the C++ kernel at any rank."""
+    skip_unless_runnable("cpp")
+    from lopa import _backends
+
+    limit = _backends.cpp_max_rank(op, training)
+    for rank, expected in ((limit, "cpp"), (limit + 1, "reference")):
+        got = call(rank, training, "auto")
+        assert torch.equal(got, call(rank, training, expected)), f"r={rank}: auto did not run {expected}"
+        other = "reference" if expected == "cpp" else "cpp"
+        assert not torch.equal(got, call(rank, training, other)), f"r={rank}: cpp and reference agree bitwise"
+    assert _backends.resolve("cpp", torch.device("cpu"), torch.float32, op, 4 * limit, training).name == "cpp"
