@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -21,7 +23,7 @@ from torch import Tensor
 from lopa.modules import lopa_parameter_shapes, stacked_lopa_prompts
 from lopa.serving.store import SubBank
 
-__all__ = ["TaskRegistry", "BankMemory", "task_layout", "METHODS"]
+__all__ = ["TaskRegistry", "BankMemory", "task_layout", "checked_config", "METHODS"]
 
 METHODS = ("ulpt", "pt", "lopa")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -186,6 +188,8 @@ class TaskRegistry:
         values = {"z": z}
         for label, value, default in (("scale", scale, 1.0), ("shift", shift, 0.0)):
             values[label] = self._per_task_vector(label, value, default, count)
+        if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+            seed = int(seed)  # numpy ints too; anything else is rejected with the config's rules
         config = dict(num_tokens=int(z.shape[1]), dim=self.dim, rank=int(z.shape[2]), seed=seed, init=init,
                       learn_scale=True, learn_shift=True)
         self._insert(names, "ulpt", config, values, replace)
@@ -210,7 +214,9 @@ class TaskRegistry:
 
     def _insert(self, names: List[str], method: str, config: dict, values: Dict[str, Tensor], replace: bool) -> None:
         _check_names(names)
-        if config.get("dim") != self.dim:
+        config = checked_config(method, config, f"task {names[0]!r}" + (f" (and {len(names) - 1} more)"
+                                                                         if len(names) > 1 else ""))
+        if config["dim"] != self.dim:
             raise ValueError(f"the prompt has dim {config.get('dim')} but the bank's width is {self.dim}")
         key, fields, virtual = task_layout(method, config)
         checked = self._checked_values(names, method, fields, values)
@@ -297,32 +303,30 @@ class TaskRegistry:
 
     # ------------------------------------------------------------------ checkpoints
     def load(self, name: str, directory: Union[str, os.PathLike], *, replace: bool = False) -> None:
-        """Add task ``name`` from a folder written by :meth:`lopa.PromptTunedModel.save_pretrained`.
+        """Add task ``name`` from a folder written by :meth:`lopa.PromptTunedModel.save_pretrained`,
+        or from a PEFT ``PROMPT_TUNING`` adapter folder (a ``"pt"`` task).
 
-        The files are checked as :meth:`lopa.PromptTunedModel.from_pretrained` checks them
-        (format, method, integrity, tensor names and shapes); the width must be the bank's.
+        The folder goes through :func:`lopa.saved.read_prompt_folder`, the one validator
+        :meth:`lopa.PromptTunedModel.from_pretrained` uses too (every config field's type and
+        range, checked against the weights file before a tensor is read); the width must be
+        the registry's.  A rejected folder leaves the registry as it was.
         """
-        from lopa.model import read_config, read_weights
+        from lopa.saved import read_prompt_folder
 
-        config = read_config(directory)
-        state = read_weights(directory, config)
-        method, prompt = config["method"], dict(config["prompt"])
-        if prompt.get("dim") != self.dim:
-            raise ValueError(f"{directory} holds a prompt of dim {prompt.get('dim')} (base model "
-                             f"{config.get('base_model', {}).get('name_or_path')!r}) but the bank's width is {self.dim}")
-        if method == "ulpt":
-            d = self.dim
-            values = {"z": state.get("z"), "scale": state.get("scale", torch.ones(d)),
-                      "shift": state.get("shift", torch.zeros(d))}
-            if values["z"] is None:
-                raise ValueError(f"{directory}: a 'ulpt' checkpoint must hold 'z'; it has {sorted(state)}")
-            extra = sorted(set(state) - {"z", "scale", "shift"})
-            if extra:
-                raise ValueError(f"{directory}: unexpected tensors {extra} in a 'ulpt' checkpoint")
-        else:
-            values = state
+        _check_names([name])
+        saved = read_prompt_folder(directory)
+        if saved.prompt["dim"] != self.dim:
+            raise ValueError(f"{directory} holds a prompt of dim {saved.prompt['dim']} (base model "
+                             f"{saved.base_model.get('name_or_path')!r}) but the bank's width is {self.dim}")
+        if saved.heads:
+            warnings.warn(f"{directory}: the adapter also saved trained modules {sorted(saved.heads)}; the bank "
+                          "serves its prompt only, with the model's own modules", stacklevel=2)
+        values = dict(saved.state)
+        if saved.method == "ulpt":  # stored for every ULPT task: 1 / 0 when not learned
+            values.setdefault("scale", torch.ones(self.dim))
+            values.setdefault("shift", torch.zeros(self.dim))
         try:
-            self._insert([name], method, prompt, {k: v[None] for k, v in values.items()}, replace)
+            self._insert([name], saved.method, saved.prompt, {k: v[None] for k, v in values.items()}, replace)
         except ValueError as exc:
             raise ValueError(f"{directory}: {exc}") from None
 
@@ -415,6 +419,16 @@ def lopa_rows(sub: SubBank, task_ids: List[int], task_ids_tensor: Optional[Tenso
     params = {name: sub.live(name) for name in sub.fields}
     return stacked_lopa_prompts(params, task_ids, pooled, combine=cfg["combine"], num_tokens=cfg["num_tokens"],
                                 rank=cfg["rank"], dim=cfg["dim"], task_ids_tensor=task_ids_tensor)
+
+
+def checked_config(method: str, config, where: str) -> dict:
+    """A task's prompt config checked by the rules of the saved format (:mod:`lopa.saved`): the
+    method's exact keys, each of the right type and range (``where`` names the task in errors)."""
+    from lopa.saved import PROMPT_FIELDS, check_fields
+
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"{where}: method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    return check_fields(where, "prompt config", config, PROMPT_FIELDS[method])
 
 
 def _check_names(names: List[str]) -> None:
