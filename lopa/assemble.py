@@ -1,97 +1,80 @@
-"""Building a prompted model's inputs: ``inputs_embeds``, ``attention_mask``, ``position_ids``.
+"""The one input assembly: a layout plan executed into ``inputs_embeds``, with its gradient.
 
-Layout
-------
-Row ``b`` of the input (``L`` token positions, ``s_b`` = index of its first real token,
-i.e. the number of left pads; 0 for right-padded or unpadded rows) becomes::
+Every prompted input -- a padded training batch, a packed (padding-free) batch, a mixed-task
+serving batch, a shared prompt prefix -- is described by a :class:`lopa.layout.LayoutPlan`
+and written by one kernel family:
 
-    output position:  0 ... s_b-1 | s_b ... s_b+m-1 | s_b+m ... m+L-1
-    content:          left pads   | m prompt rows   | the real tokens (and any right pads)
+* token rows gathered from the embedding table straight into place (the pad row where no
+  block covers a position);
+* prompt rows written by the prompt's own computation, in place, in the model's dtype:
+  a copy from a ``(T, m, d)`` bank (prompt tuning, or any materialised prompt),
+  ULPT's ``(z @ P) * scale + shift`` or LoPA's ``Z_S * sigmoid(u @ v)`` -- so no ``(B, m, d)``
+  prompt tensor exists and every element of the output is written once.
 
-so the prompt sits immediately before each row's first real token, with left *and* right
-padding (PEFT puts it before the pads, which breaks left-padded batches).  Input position
-``j`` lands at output position ``j`` if ``j < s_b`` and ``j + m`` otherwise
-(:attr:`AssembledInputs.token_positions`); masks, labels and token types are extended
-with the same map and the model's outputs are read back through it.
+Kernels: Triton on CUDA (:mod:`lopa.kernels.assemble`), C++ on the CPU (``csrc/assemble.cpp``),
+and a plain PyTorch reference (:func:`place_tokens_reference`, :func:`place_prompt_reference`)
+that the others are tested against.  :func:`assembly_backend` is the one place that decides
+which runs.
 
-Writing each element once
--------------------------
-PEFT builds the input as ``torch.cat([prompt.repeat(B, 1, 1), embed(input_ids)], 1)``:
-the token embeddings are written twice (the lookup, then the concatenation), a ``(B, m, d)``
-copy of a shared prompt is materialised and the concatenation allocates a second
-``(B, m+L, d)`` tensor.  :func:`assemble_inputs` instead allocates the ``(B, m+L, d)``
-output once and one kernel writes every element of it exactly once: token rows are
-gathered from the embedding table straight into their final positions, prompt rows are
-copied from the prompt source straight into theirs (cast to the model's dtype on the
-way: a float32 prompt goes into a bfloat16 model without an intermediate).  The kernel is
+Backward: the gradient at the prompt slots is gathered into ``(S, m, d)`` and handed to the
+prompt's own backward (the gate's or ULPT's fused backward kernels, which recompute what
+they need; a per-task sum in a fixed order for a bank): deterministic, and nothing of size
+``(B, m, d)`` is saved.
 
-* Triton on CUDA (:mod:`lopa.kernels.assemble`, one launch over ``B·(m+L)`` rows),
-* C++ on the CPU (``torch.ops.lopa_cpp.assemble_embeds`` from ``csrc/assemble.cpp``,
-  OpenMP over rows, ``memcpy`` of whole rows when the dtypes agree),
-* a two-op PyTorch fallback when neither is available (one ``index_select(out=)`` into the
-  output, then one ``index_put_`` of the prompt rows: no intermediate of the output's
-  size, but the ``B·m`` prompt rows are written twice).
-
-The prompt source is one of
-
-* a tensor: ``(m, d)`` shared by all rows (ULPT, vanilla prompt tuning: never expanded to
-  ``(B, m, d)``), ``(B, m, d)`` one per row (LoPA), or ``(T, m, d)`` a bank of tasks with
-  ``task_ids`` ``(B,)`` (multi-task serving: row b reads task ``task_ids[b]``'s rows
-  directly, again without a ``(B, m, d)`` intermediate);
-* :class:`ULPTSource` / :class:`GatedSource`: the parameters of a fused op, evaluated by
-  :func:`lopa.ulpt_prompt` / :func:`lopa.gated_lowrank_prompt` (``backend="auto"``) and then
-  placed as above.  ULPT with a bank computes each task's ``(n, d)`` prompt once and lets
-  the assembly pick rows by ``task_ids``.  LoPA's prompt is per instance, so the fused gate
-  writes a ``(B, m, d)`` tensor that the assembly then copies once into place (the ops
-  have no ``out=`` path yet; that copy is the one remaining extra pass, ``B·m·d``
-  elements, small next to the ``B·L·d`` token rows).
-
-Gradients flow to the prompt (and through the fused ops to their parameters): the backward
-gathers the gradient at the prompt positions and sums it over the rows that share a
-prompt (all rows for a shared prompt, the rows of each task for a bank; deterministic
-order).  The embedding table gets a gradient only if it requires one (it is frozen in a
-:class:`lopa.PromptTunedModel`).
+:func:`assemble_inputs` keeps the classic call -- ``(embedding_weight, input_ids,
+attention_mask, prompt)`` in, ``inputs_embeds`` / ``attention_mask`` / ``position_ids`` out --
+on top of :func:`lopa.layout.plan_padded`.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from lopa import _backends
 from lopa._poison import new_output
-from lopa._validation import (
-    FLOAT_DTYPES,
-    INT_DTYPES,
-    check_task_ids,
-    require_tensor,
-    shape_str,
+from lopa._validation import FLOAT_DTYPES, INT_DTYPES, check_task_ids, require_tensor, shape_str
+from lopa.layout import (
+    LayoutPlan,
+    first_token_index,
+    plan_padded,
+    position_ids_from_mask,
 )
 
 __all__ = [
     "AssembledInputs",
     "GatedSource",
     "ULPTSource",
+    "PromptRows",
+    "assemble",
     "assemble_inputs",
-    "assemble_embeds",
+    "assembly_backend",
     "first_token_index",
     "left_align",
     "position_ids_from_mask",
+    "take_positions",
     "ASSEMBLY_BACKENDS",
+    "CPU_FUSED_MAX_RANK",
 ]
 
 ASSEMBLY_BACKENDS = ("auto", "triton", "cpp", "reference")
+KIND_COPY, KIND_ULPT, KIND_GATE = 1, 2, 3
+# The C++ kernels build a rank-r product with register-blocked loops, which beat BLAS at the
+# ranks LoPA uses but lose from about r = 16 on (gate forward+backward 0.76x the BLAS-backed
+# reference at r = 16, 0.36x at r = 64 on this project's 2-core CPU): above this rank the CPU
+# assembly computes the prompt with BLAS and then copies it into place.
+CPU_FUSED_MAX_RANK = 8
 
 
+# ----------------------------------------------------------------------------- prompt sources
 @dataclass(frozen=True)
 class ULPTSource:
     """ULPT prompt parameters: ``E = (z @ proj) * scale + shift`` (see :func:`lopa.ulpt_prompt`).
 
-    ``z`` ``(n, r)`` for one task or ``(T, n, r)`` for a bank (then ``task_ids`` is given to
-    :func:`assemble_inputs`); ``scale`` / ``shift`` ``(d,)`` or ``(T, d)``.
+    ``z`` ``(n, r)`` for one task or ``(T, n, r)`` for a bank (then pass ``task_ids``);
+    ``scale`` / ``shift`` ``(d,)`` or ``(T, d)``.
     """
 
     z: Tensor
@@ -110,7 +93,8 @@ class ULPTSource:
 class GatedSource:
     """LoPA prompt parameters: ``Z = zs * sigmoid(u @ v)`` (see :func:`lopa.gated_lowrank_prompt`).
 
-    ``zs`` ``(m, d)`` or a ``(T, m, d)`` bank; ``u`` ``(B, m, r)``; ``v`` ``(B, r, d)`` (any strides).
+    ``zs`` ``(m, d)`` or a ``(T, m, d)`` bank; ``u`` ``(B, m, r)``; ``v`` ``(B, r, d)`` (any
+    strides), one instance per block of the plan.
     """
 
     zs: Tensor
@@ -127,6 +111,451 @@ class GatedSource:
 PromptSource = Union[Tensor, ULPTSource, GatedSource]
 
 
+class PromptRows(NamedTuple):
+    """A prompt source in the kernels' form: ``kind`` and its tensors, each bank ``(T, ...)``."""
+
+    kind: int
+    tensors: Tuple[Tensor, ...]
+
+    @property
+    def num_tasks(self) -> int:
+        return self.tensors[0].shape[0]
+
+    @property
+    def rows(self) -> int:
+        return self.tensors[0].shape[1]
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.kind == KIND_COPY else self.tensors[0 if self.kind == KIND_ULPT else 1].shape[2]
+
+
+def prompt_rows(prompt: PromptSource, dim: int, device: torch.device, task_ids: Optional[Tensor] = None,
+                blocks: Optional[int] = None) -> Tuple[PromptRows, Optional[Tensor]]:
+    """Validate a prompt source and bring it to bank form; returns ``(PromptRows, task_ids)``.
+
+    A plain tensor is ``(m, d)`` shared, ``(T, m, d)`` with ``task_ids`` (a bank), or
+    ``(B, m, d)`` one per block.  ``task_ids`` comes back checked, as int64, or ``None`` when
+    every block uses prompt 0 (a shared prompt) or its own row (one per block).
+    """
+    if isinstance(prompt, PromptRows):  # already in bank form (internal callers)
+        return prompt, task_ids
+    if isinstance(prompt, ULPTSource):
+        tensors, task_ids = ulpt_bank(prompt.z, prompt.proj, prompt.scale, prompt.shift, task_ids, blocks)
+        rows = PromptRows(KIND_ULPT, tensors)
+    elif isinstance(prompt, GatedSource):
+        from lopa.ops import gated_bank
+
+        bank, task_ids = gated_bank(prompt.zs, prompt.u, prompt.v, task_ids)
+        if blocks is not None and prompt.u.shape[0] != blocks:
+            raise ValueError(f"the LoPA prompt has u for {prompt.u.shape[0]} rows but the batch has {blocks} rows")
+        rows = PromptRows(KIND_GATE, (bank, prompt.u, prompt.v))
+    elif isinstance(prompt, Tensor):
+        rows, task_ids = _tensor_rows(prompt, task_ids, blocks, device)
+    else:
+        raise TypeError(f"prompt must be a Tensor, ULPTSource or GatedSource, got {type(prompt).__name__}")
+    first = rows.tensors[0]
+    if first.shape[-1] != dim and rows.kind != KIND_ULPT:
+        raise ValueError(f"prompt has width {first.shape[-1]} but the model's embeddings have width {dim}")
+    if rows.kind == KIND_ULPT and rows.tensors[1].shape[1] != dim:
+        raise ValueError(f"prompt has width {rows.tensors[1].shape[1]} but the model's embeddings have width {dim}")
+    if first.device != device:
+        raise ValueError(f"prompt is on {first.device} but the inputs are on {device}")
+    return rows, task_ids
+
+
+def ulpt_bank(z: Tensor, proj: Tensor, scale: Tensor, shift: Tensor, task_ids: Optional[Tensor],
+              blocks: Optional[int]) -> Tuple[Tuple[Tensor, ...], Optional[Tensor]]:
+    """Validate ULPT's tensors (as :func:`lopa.ulpt_prompt` does) in bank form ``(T, ...)``."""
+    from lopa._validation import (require_float_dtype, require_ndim, require_same_device, require_same_dtype,
+                                  require_size)
+    from lopa.ops import _per_task_vector
+
+    for name, value in (("z", z), ("proj", proj), ("scale", scale), ("shift", shift)):
+        require_tensor(name, value)
+    require_ndim("z", z, (2, 3), "(n, r) or (T, n, r)")
+    require_ndim("proj", proj, (2,), "(r, d)")
+    require_float_dtype("z", z)
+    require_same_dtype("z", z, {"proj": proj, "scale": scale, "shift": shift})
+    require_same_device("z", z, {"proj": proj, "scale": scale, "shift": shift})
+    single = z.dim() == 2
+    bank = z.unsqueeze(0) if single else z
+    require_size("proj", proj, 0, bank.shape[2], "the rank r of z")
+    scale = _per_task_vector("scale", scale, bank.shape[0], proj.shape[1], single)
+    shift = _per_task_vector("shift", shift, bank.shape[0], proj.shape[1], single)
+    if single:
+        if task_ids is not None:
+            raise ValueError(f"task_ids was given but z is a single task of shape {tuple(z.shape)}; pass a bank "
+                             "(T, n, r) to select tasks per row")
+    elif task_ids is None:
+        raise ValueError(f"z is a bank of {bank.shape[0]} tasks, so task_ids (B,) is required to say which task each "
+                         "row uses")
+    return (bank, proj, scale, shift), check_task_ids(task_ids, blocks, bank.shape[0], z.device)
+
+
+def _tensor_rows(prompt: Tensor, task_ids, blocks, device) -> Tuple[PromptRows, Optional[Tensor]]:
+    if prompt.dim() not in (2, 3):
+        raise ValueError(f"prompt must have shape (m, d), (B, m, d) or (T, m, d), got {shape_str(prompt)}")
+    if prompt.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"prompt must be a floating tensor, got dtype {prompt.dtype}")
+    if prompt.dim() == 2:
+        if task_ids is not None:
+            raise ValueError("task_ids was given but the prompt is a single (m, d) prompt; pass a (T, m, d) bank")
+        return PromptRows(KIND_COPY, (prompt.unsqueeze(0),)), None
+    if task_ids is not None:
+        return PromptRows(KIND_COPY, (prompt,)), check_task_ids(task_ids, blocks, prompt.shape[0], prompt.device)
+    if blocks is not None and prompt.shape[0] not in (blocks, 1):
+        raise ValueError(f"prompt has {prompt.shape[0]} prompts but the batch has {blocks} rows; pass task_ids "
+                         "for a bank, or one prompt per row")
+    if prompt.shape[0] == 1:
+        return PromptRows(KIND_COPY, (prompt,)), None
+    return PromptRows(KIND_COPY, (prompt,)), torch.arange(prompt.shape[0], device=prompt.device)
+
+
+# ----------------------------------------------------------------------------- reference kernels
+def place_tokens_reference(out: Tensor, table: Tensor, blocks: Tensor, position_block: Tensor, token_ids: Tensor,
+                           pad_id: int) -> None:
+    """PyTorch spec of ``place_tokens``: gathers a table row for every position.
+
+    Prompt positions get a filler row here (the prompt pass overwrites them), so this path
+    writes those positions twice; the fused kernels skip them.
+    """
+    rows, length, dim = out.shape
+    if out.numel() == 0:
+        return
+    pb = position_block.reshape(-1)
+    b = blocks.index_select(0, pb.clamp(min=0))
+    q = torch.arange(rows * length, device=out.device) % length - b[:, 1]
+    tok = torch.where(q < b[:, 3], q, q - b[:, 4])
+    n = token_ids.numel()
+    index = (b[:, 5] + tok).clamp(0, max(n - 1, 0))
+    src = token_ids.index_select(0, index) if n else torch.zeros_like(index)
+    inside = (pb >= 0) & (q >= 0) & (q < b[:, 2] + b[:, 4])
+    src = torch.where(inside, src, torch.full_like(src, pad_id)).clamp(0, table.shape[0] - 1)
+    torch.index_select(table, 0, src, out=out.view(rows * length, dim))
+
+
+def prompt_values_reference(block_index: Tensor, task_ids: Tensor, source: PromptRows) -> Tensor:
+    """``(K, m, d)`` prompt rows of instances ``k`` (task ``task_ids[k]``), float32 or wider."""
+    from lopa import reference
+
+    if source.kind == KIND_COPY:
+        return source.tensors[0].index_select(0, task_ids)
+    if source.kind == KIND_ULPT:
+        z, proj, scale, shift = source.tensors
+        return reference.ulpt_prompt(z, proj, scale, shift, task_ids)
+    zs, u, v = source.tensors
+    return reference.gated_prompt(zs, u, v, task_ids)
+
+
+def place_prompt_reference(out: Tensor, blocks: Tensor, block_index: Tensor, task_ids: Tensor, kind: int,
+                           source: Sequence[Tensor]) -> None:
+    """PyTorch spec of ``place_prompt``: the prompt rows of each listed block, put in place."""
+    rows = PromptRows(kind, tuple(source))
+    count, m = block_index.numel(), rows.rows
+    if count == 0 or m == 0 or out.numel() == 0:
+        return
+    values = prompt_values_reference(block_index, task_ids, rows)
+    b = blocks.index_select(0, block_index)
+    cols = (b[:, 1] + b[:, 3])[:, None] + torch.arange(m, device=out.device)[None, :]
+    out.index_put_((b[:, 0:1], cols), values.to(out.dtype))
+
+
+# ----------------------------------------------------------------------------- dispatch
+class Executor(NamedTuple):
+    """One backend's pair of in-place kernels (see the module docstring)."""
+
+    name: str
+    place_tokens: Any
+    place_prompt: Any
+
+
+_EXECUTORS: dict = {}
+
+
+def _executor(name: str) -> Executor:
+    # A plain dict cache: torch.compile traces dict reads, not lru_cache wrappers.
+    if name not in _EXECUTORS:
+        _EXECUTORS[name] = _load_executor(name)
+    return _EXECUTORS[name]
+
+
+def _load_executor(name: str) -> Executor:
+    if name == "reference":
+        return Executor("reference", place_tokens_reference, place_prompt_reference)
+    if name == "cpp":
+        ops = torch.ops.lopa_cpp
+        return Executor("cpp", ops.place_tokens, ops.place_prompt)
+    from lopa.kernels import assemble as kernels
+
+    return Executor("triton", kernels.place_tokens_, kernels.place_prompt_)
+
+
+def _cpp_has_assembly() -> bool:
+    if "cpp_assembly" not in _EXECUTORS:
+        _EXECUTORS["cpp_assembly"] = _backends.cpp_available() and hasattr(torch.ops.lopa_cpp, "place_prompt")
+    return _EXECUTORS["cpp_assembly"]
+
+
+def assembly_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Which kernel family runs an assembly: the one decision point (``"auto"`` resolves here).
+
+    ``auto``: Triton on CUDA, C++ on the CPU, the reference otherwise (float64 on CUDA, a
+    missing extension).  A backend asked for by name that cannot run raises.
+    """
+    if not isinstance(backend, str) or backend not in ASSEMBLY_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, ASSEMBLY_BACKENDS))}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and dtype != torch.float64 and _backends._load_triton()[0] is not None:
+            return "triton"
+        if device.type == "cpu" and _cpp_has_assembly():
+            return "cpp"
+        return "reference"
+    if backend == "cpp":
+        if not _cpp_has_assembly():
+            raise RuntimeError("backend='cpp' was requested but lopa's C++ assembly kernels are not available "
+                               f"({_backends._load_cpp()[1] or 'extension built without them'}); {_backends.BUILD_HINT}")
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
+    if backend == "triton":
+        if _backends._load_triton()[0] is None:
+            raise RuntimeError("backend='triton' was requested but Triton is not installed")
+        if not _backends.triton_available(device):
+            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got tensors on {device}")
+        if dtype == torch.float64:
+            raise TypeError("backend='triton' supports float16, bfloat16 and float32, got float64")
+    return backend
+
+
+def _prompt_backend(name: str, rows: PromptRows) -> str:
+    """The gate / ULPT op backend matching an assembly backend (for the prompt's backward)."""
+    if not _fused_rows(name, rows):
+        return "reference"
+    return {"cpp": "cpp", "triton": "triton"}.get(name, "reference")
+
+
+def _fused_rows(name: str, rows: PromptRows) -> bool:
+    """Whether the kernels compute this prompt in place, or it is materialised (BLAS) and copied."""
+    return rows.kind == KIND_COPY or name != "cpp" or rows.rank <= CPU_FUSED_MAX_RANK
+
+
+def _materialized(rows: PromptRows, task_ids: Tensor) -> PromptRows:
+    values = prompt_values_reference(torch.arange(task_ids.numel(), device=task_ids.device), task_ids, rows)
+    return PromptRows(KIND_COPY, (values,))
+
+
+# ----------------------------------------------------------------------------- execution
+def place_prompt(out: Tensor, plan: LayoutPlan, rows: PromptRows, task_ids: Tensor, block_index: Tensor,
+                 name: str) -> None:
+    """Write the prompt rows of blocks ``block_index`` (instance ``k`` uses task ``task_ids[k]``)."""
+    _place_prompt(out, plan.blocks, block_index, task_ids, rows, name)
+
+
+def _place_prompt(out: Tensor, blocks: Tensor, block_index: Tensor, task_ids: Tensor, rows: PromptRows,
+                  name: str) -> None:
+    if not _fused_rows(name, rows):
+        rows = _materialized(rows, task_ids)
+        task_ids = torch.arange(task_ids.numel(), device=task_ids.device)
+    _executor(name).place_prompt(out, blocks, block_index, task_ids, rows.kind, list(rows.tensors))
+
+
+def place_tokens(out: Tensor, table: Tensor, plan: LayoutPlan, name: str) -> None:
+    """Write every position of ``out`` that is not a prompt row (tokens, pads)."""
+    _executor(name).place_tokens(out, table, plan.blocks, plan.position_block, plan.token_ids, plan.pad_id)
+
+
+class _Inputs(NamedTuple):
+    """The assembly op's arguments (the plan's integer tensors and the prompt), as one record."""
+
+    table: Tensor
+    blocks: Tensor
+    task_ids: Tensor
+    position_block: Tensor
+    token_ids: Tensor
+    pad_id: int
+    kind: int
+    source: Sequence[Tensor]
+    name: str
+
+
+def _run(a: _Inputs) -> Tensor:
+    rows, length = a.position_block.shape
+    out = new_output((rows, length, a.table.shape[1]), a.table)
+    if out.numel() == 0:
+        return out
+    run = _executor(a.name)
+    run.place_tokens(out, a.table, a.blocks, a.position_block, a.token_ids, a.pad_id)
+    if a.kind and a.blocks.shape[0]:
+        block_index = torch.arange(a.blocks.shape[0], device=out.device)
+        _place_prompt(out, a.blocks, block_index, a.task_ids, PromptRows(a.kind, tuple(a.source)), a.name)
+    return out
+
+
+def _backward(grad: Tensor, a: _Inputs, need_table: bool, need_source: Sequence[bool]):
+    """``(grad_table, [grad of each source tensor])`` of the assembly."""
+    grad_source: List[Optional[Tensor]] = [None] * len(a.source)
+    if a.kind and any(need_source):
+        rows = PromptRows(a.kind, tuple(a.source))
+        slot_grad = _prompt_slot_gradient(grad, a.blocks, rows.rows)
+        grad_source = _source_backward(a.name, rows, slot_grad, a.task_ids, need_source)
+    grad_table = _table_gradient(grad, a) if need_table else None
+    return grad_table, grad_source
+
+
+def _prompt_slot_gradient(grad: Tensor, blocks: Tensor, m: int) -> Tensor:
+    """``(S, m, d)``: the output gradient at every block's prompt rows (zeros for blocks without)."""
+    first = blocks[:, 1] + blocks[:, 3]
+    has = blocks[:, 4] > 0
+    cols = torch.where(has[:, None], first[:, None] + torch.arange(m, device=grad.device)[None, :], 0)
+    slots = grad[blocks[:, 0:1], cols]
+    return slots * has.to(slots.dtype)[:, None, None]
+
+
+def _table_gradient(grad: Tensor, a: _Inputs) -> Tensor:
+    """Scatter-add the token positions' gradient into the (normally frozen) table."""
+    rows, length, dim = grad.shape
+    pb = a.position_block.reshape(-1)
+    blocks = a.blocks.index_select(0, pb.clamp(min=0))
+    q = torch.arange(rows * length, device=grad.device) % length - blocks[:, 1]
+    split, prompt = blocks[:, 3], blocks[:, 4]
+    token = (pb >= 0) & (q >= 0) & ((q < split) | (q >= split + prompt)) & (q < blocks[:, 2] + prompt)
+    tok = torch.where(q < split, q, q - prompt)
+    n = a.token_ids.numel()
+    src = a.token_ids.index_select(0, (blocks[:, 5] + tok).clamp(0, max(n - 1, 0))) if n else tok
+    src = torch.where(token, src, torch.full_like(src, a.pad_id))
+    weights = grad.reshape(rows * length, dim) * token.to(grad.dtype)[:, None]
+    out = torch.zeros_like(a.table)
+    out.index_add_(0, src, weights.to(a.table.dtype))
+    return out
+
+
+def _source_backward(name: str, rows: PromptRows, grad_rows: Tensor, task_ids: Tensor, needs) -> List[Optional[Tensor]]:
+    """Gradients of the prompt's tensors given the gradient of its rows (one per instance)."""
+    from lopa import reference
+
+    if rows.kind == KIND_COPY:
+        bank = rows.tensors[0]
+        acc = torch.promote_types(bank.dtype, torch.float32)
+        return [sum_per_task(grad_rows.to(acc), task_ids, bank.shape[0]).to(bank.dtype) if needs[0] else None]
+    backend = _prompt_backend(name, rows)
+    if rows.kind == KIND_ULPT:
+        z, proj, scale, shift = rows.tensors
+        grad_rows = grad_rows.to(z.dtype).contiguous()
+        if backend == "reference":
+            grads = reference.ulpt_prompt_backward(grad_rows, z, proj, scale, task_ids)
+        else:
+            op = torch.ops.lopa_cpp.ulpt_bwd if backend == "cpp" else torch.ops.lopa_triton.ulpt_bwd
+            grads = op(grad_rows, z, proj, scale, task_ids, *needs)
+        return [g if n else None for g, n in zip(grads, needs)]
+    zs, u, v = rows.tensors
+    grad_rows = grad_rows.to(zs.dtype).contiguous()
+    if backend == "reference":
+        grads = reference.gated_prompt_backward(grad_rows, zs, u, v, task_ids)
+    else:
+        op = torch.ops.lopa_cpp.gated_prompt_bwd if backend == "cpp" else torch.ops.lopa_triton.gated_prompt_bwd
+        grads = op(grad_rows, zs, u, v, task_ids, *needs)
+    return [g if n else None for g, n in zip(grads, needs)]
+
+
+def sum_per_task(values: Tensor, task_ids: Tensor, num_tasks: int) -> Tensor:
+    """``out[t] = sum of values[k] over k with task_ids[k] == t``, in a fixed order (bitwise
+    reproducible on every device, no atomics), O(K) work; tasks no row uses get zeros."""
+    if num_tasks == 1:
+        return values.sum(0, keepdim=True)
+    order = torch.argsort(task_ids, stable=True)
+    counts = torch.bincount(task_ids, minlength=num_tasks)
+    return torch.segment_reduce(values.index_select(0, order), "sum", lengths=counts, axis=0, unsafe=True)
+
+
+class _Assemble(torch.autograd.Function):
+    """The eager path of the assembly op: the same host code without the dispatcher's overhead."""
+
+    @staticmethod
+    def forward(ctx, inputs: _Inputs, table: Tensor, *source):
+        a = inputs._replace(table=table, source=source)
+        ctx.inputs = a._replace(table=None, source=None)
+        ctx.save_for_backward(table, *source)
+        return _run(a)
+
+    @staticmethod
+    def backward(ctx, grad):
+        table, *source = ctx.saved_tensors
+        a = ctx.inputs._replace(table=table, source=tuple(source))
+        grad_table, grad_source = _backward(grad, a, ctx.needs_input_grad[1], ctx.needs_input_grad[2:])
+        return (None, grad_table, *grad_source)
+
+
+@torch.library.custom_op("lopa::assemble", mutates_args=())
+def _assemble_op(table: Tensor, blocks: Tensor, task_ids: Tensor, position_block: Tensor, token_ids: Tensor,
+                 pad_id: int, kind: int, source: List[Tensor], backend: str) -> Tensor:
+    return _run(_Inputs(table, blocks, task_ids, position_block, token_ids, pad_id, kind, source, backend))
+
+
+@_assemble_op.register_fake
+def _assemble_fake(table, blocks, task_ids, position_block, token_ids, pad_id, kind, source, backend):
+    return table.new_empty((position_block.shape[0], position_block.shape[1], table.shape[1]))
+
+
+def _op_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5], *inputs[7])
+    ctx.static = (inputs[5], inputs[6], inputs[8], [t.requires_grad for t in inputs[7]])
+
+
+def _op_backward(ctx, grad):
+    table, blocks, task_ids, position_block, token_ids, *source = ctx.saved_tensors
+    pad_id, kind, name, need_source = ctx.static
+    a = _Inputs(table, blocks, task_ids, position_block, token_ids, pad_id, kind, tuple(source), name)
+    grad_table, grad_source = _backward(grad, a, ctx.needs_input_grad[0], need_source)
+    return grad_table, None, None, None, None, None, None, list(grad_source), None
+
+
+_assemble_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+def _apply(a: _Inputs) -> Tensor:
+    """Run the assembly: the registered op under ``torch.compile``, the eager fast path otherwise."""
+    if torch.compiler.is_compiling():
+        return torch.ops.lopa.assemble(a.table, a.blocks, a.task_ids, a.position_block, a.token_ids, a.pad_id,
+                                       a.kind, list(a.source), a.name)
+    return _Assemble.apply(a._replace(table=None, source=None), a.table, *a.source)
+
+
+def _is_bank(prompt, blocks: int) -> bool:
+    """A prompt of several tasks, which needs a task per block (a ``(S, m, d)`` tensor with one
+    prompt per block is not a bank)."""
+    if isinstance(prompt, ULPTSource):
+        return prompt.z.dim() == 3
+    if isinstance(prompt, GatedSource):
+        return prompt.zs.dim() == 3
+    return isinstance(prompt, Tensor) and prompt.dim() == 3 and prompt.shape[0] not in (1, blocks)
+
+
+def assemble(table: Tensor, plan: LayoutPlan, prompt: Optional[PromptSource] = None, *,
+             task_ids: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """Execute ``plan``: the ``(R, T, d)`` input in ``table``'s dtype, differentiable in the prompt.
+
+    ``prompt`` gives the rows of every block that has prompt rows (``None`` when no block
+    has); ``task_ids`` (``(S,)``, one per block) selects from a bank, default
+    ``plan.task_ids``.
+    """
+    name = assembly_backend(backend, table.device, table.dtype)
+    if name != "reference" and table.stride(-1) != 1:
+        table = table.contiguous()
+    if prompt is None:
+        return _apply(_Inputs(table, plan.blocks, plan.task_ids, plan.position_block, plan.token_ids, plan.pad_id,
+                              0, (), name))
+    if task_ids is None and _is_bank(prompt, plan.num_blocks):
+        task_ids = plan.task_ids
+    rows, task_ids = prompt_rows(prompt, table.shape[1], table.device, task_ids, plan.num_blocks)
+    if rows.rows != plan.prompt_rows:
+        raise ValueError(f"the prompt has {rows.rows} rows but the plan places {plan.prompt_rows}")
+    if task_ids is None:
+        task_ids = plan.task_ids
+    return _apply(_Inputs(table, plan.blocks, task_ids, plan.position_block, plan.token_ids, plan.pad_id,
+                          rows.kind, rows.tensors, name))
+
+
+# ----------------------------------------------------------------------------- classic API
 class AssembledInputs(NamedTuple):
     """What :func:`assemble_inputs` returns; pass the first three to a Hugging Face model."""
 
@@ -139,40 +568,26 @@ class AssembledInputs(NamedTuple):
     # True when every row's prompt starts at 0 (no left padding), so the real tokens are
     # the slice [m, m+L) of every output; None when unknown (under torch.compile).
     tokens_follow_prompt: Optional[bool] = None
+    plan: Optional[LayoutPlan] = None
 
     def insert(self, values: Tensor, fill) -> Tensor:
         """Extend a per-token ``(B, L)`` tensor (labels, token types) to ``(B, m+L)``.
 
         The prompt positions get ``fill`` (``-100`` for labels, ``0`` for token types).
         """
-        return insert_virtual(values, self.token_positions, self.num_virtual_tokens, fill)
+        return insert_virtual(values, self.token_positions, self.inputs_embeds.shape[1], fill)
 
     def real_tokens(self, values: Tensor) -> Tensor:
         """The ``(B, L, ...)`` real-token part of a ``(B, m+L, ...)`` model output."""
         return take_positions(values, self.token_positions, self.tokens_follow_prompt)
 
 
-# ----------------------------------------------------------------------------- helpers
-def first_token_index(attention_mask: Optional[Tensor], batch: int, length: int, device) -> Tensor:
-    """(B,) int64 index of each row's first real token (0 for a row with none, or no mask)."""
-    if attention_mask is None:
-        return torch.zeros(batch, dtype=torch.int64, device=device)
-    real = attention_mask != 0
-    first = real.to(torch.int8).argmax(1)  # argmax returns the first maximal index
-    return torch.where(real.any(1), first, torch.zeros_like(first))
-
-
-def token_positions_for(starts: Tensor, length: int, num_virtual: int) -> Tensor:
-    j = torch.arange(length, device=starts.device, dtype=torch.int64)
-    return j[None, :] + num_virtual * (j[None, :] >= starts[:, None]).to(torch.int64)
-
-
-def insert_virtual(values: Tensor, token_positions: Tensor, num_virtual: int, fill) -> Tensor:
-    """``(B, L)`` -> ``(B, m+L)`` with ``fill`` at the virtual positions."""
+def insert_virtual(values: Tensor, token_positions: Tensor, total: int, fill) -> Tensor:
+    """``(B, L)`` -> ``(B, total)`` with ``fill`` at the positions no input token lands on."""
     batch, length = token_positions.shape
     if values.shape[:2] != (batch, length):
         raise ValueError(f"expected a (B, L) = ({batch}, {length}) tensor, got shape {shape_str(values)}")
-    out = values.new_full((batch, length + num_virtual) + tuple(values.shape[2:]), fill)
+    out = values.new_full((batch, total) + tuple(values.shape[2:]), fill)
     index = token_positions.view(batch, length, *([1] * (values.dim() - 2))).expand_as(values)
     return out.scatter_(1, index, values)
 
@@ -180,8 +595,8 @@ def insert_virtual(values: Tensor, token_positions: Tensor, num_virtual: int, fi
 def take_positions(values: Tensor, positions: Tensor, follow: Optional[bool] = None) -> Tensor:
     """``values[b, positions[b, j], ...]`` -> ``(B, L, ...)``.
 
-    ``follow=True`` says every row's tokens sit at ``[m, m+L)`` (no left padding): the result
-    is then a view, with no copy of a ``(B, L, vocab)`` logits tensor and no host sync.
+    ``follow=True`` says every row's tokens are the last ``L`` positions (no left padding): the
+    result is then a view, with no copy of a ``(B, L, vocab)`` logits tensor and no host sync.
     ``None`` checks that on the device (one sync); ``False`` gathers.
     """
     batch, length = positions.shape
@@ -196,18 +611,6 @@ def take_positions(values: Tensor, positions: Tensor, follow: Optional[bool] = N
     # full (B, L, ...) shape (8 bytes per element: twice a float32 logits tensor).
     rows = torch.arange(batch, device=positions.device)[:, None]
     return values[rows, positions]
-
-
-def position_ids_from_mask(attention_mask: Tensor, offset: int = 0, pad_value: Optional[int] = None) -> Tensor:
-    """Positions counted over real tokens only: ``cumsum(mask) - 1 + offset``.
-
-    Pad positions get ``pad_value`` (default ``offset``, i.e. Hugging Face's convention of 0
-    for causal LMs; RoBERTa-style models pass ``offset = padding_idx + 1`` and
-    ``pad_value = padding_idx``).
-    """
-    mask = attention_mask != 0
-    pos = mask.to(torch.int64).cumsum(-1) - 1 + offset
-    return pos.masked_fill(~mask, offset if pad_value is None else pad_value)
 
 
 def left_align(attention_mask: Tensor, *tensors: Optional[Tensor]):
@@ -225,293 +628,6 @@ def left_align(attention_mask: Tensor, *tensors: Optional[Tensor]):
     return tuple(moved)
 
 
-# ----------------------------------------------------------------------------- kernels
-def _registered_cpp_op(name: str):
-    """``torch.ops.lopa_cpp.<name>`` with its (no-output) fake kernel, or None if not built."""
-    _backends.cpp_available()  # imports lopa._C, which registers the ops when built with them
-    try:
-        op = getattr(torch.ops.lopa_cpp, name)
-    except (AttributeError, RuntimeError):  # not built, or built before this op existed
-        return None
-    try:
-        torch.library.register_fake(f"lopa_cpp::{name}")(lambda *args: None)
-    except Exception:  # already registered
-        pass
-    return op
-
-
-@functools.lru_cache(maxsize=None)
-def _cpp_op():
-    return _registered_cpp_op("assemble_embeds")
-
-
-@functools.lru_cache(maxsize=None)
-def _cpp_gated_op():
-    return _registered_cpp_op("assemble_gated_embeds")
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_fn():
-    if _backends._load_triton()[0] is None:
-        return None
-    from lopa.kernels import assemble as kernel
-
-    return kernel.assemble_embeds_
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_gated_fn():
-    if _triton_fn() is None:
-        return None
-    from lopa.kernels import assemble as kernel
-
-    return kernel.assemble_gated_embeds_
-
-
-def _assemble_gated_reference(out, table, row_index, starts, zs, u, v, task_ids) -> None:
-    """PyTorch fallback of the fused LoPA assembly: the gated prompt, then the plain assembly."""
-    from lopa import reference
-
-    prompt = reference.gated_prompt(zs, u, v, task_ids)
-    _assemble_reference(out, table, row_index, starts, prompt, torch.arange(prompt.shape[0], device=out.device))
-
-
-def _assemble_reference(out, table, row_index, starts, prompt, prompt_index) -> None:
-    """PyTorch fallback: gather every token row in place, then put the prompt rows."""
-    batch, total, dim = out.shape
-    m = prompt.shape[1]
-    length = total - m
-    flat = out.view(batch * total, dim)
-    if length > 0:
-        j = torch.arange(total, device=out.device)
-        src_j = torch.where(j[None, :] >= starts[:, None] + m, j[None, :] - m, j[None, :]).clamp_(0, length - 1)
-        src = torch.take_along_dim(row_index, src_j, dim=1)  # prompt slots read a valid filler row
-        torch.index_select(table, 0, src.reshape(-1), out=flat)
-    if m == 0 or batch == 0:
-        return
-    rows = torch.arange(batch, device=out.device)[:, None]
-    slots = starts[:, None] + torch.arange(m, device=out.device)[None, :]
-    values = prompt.to(out.dtype)
-    if values.shape[0] == 1:
-        values = values[0]  # broadcast over rows, not expanded in memory
-    elif not _is_identity(prompt_index, values.shape[0]):
-        values = values.index_select(0, prompt_index)
-    out.index_put_((rows, slots), values)
-
-
-def _is_identity(prompt_index: Tensor, num_prompts: int) -> bool:
-    return prompt_index.numel() == num_prompts and bool(
-        torch.equal(prompt_index, torch.arange(num_prompts, device=prompt_index.device))
-    )
-
-
-def _resolve_backend(backend: str, device: torch.device):
-    if not isinstance(backend, str) or backend not in ASSEMBLY_BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, ASSEMBLY_BACKENDS))}, got {backend!r}")
-    if backend == "reference":
-        return _assemble_reference
-    if backend == "cpp":
-        op = _cpp_op()
-        if op is None:
-            raise RuntimeError(
-                "backend='cpp' was requested but the C++ assembly kernel is not available "
-                f"(lopa._C not built or built without csrc/assemble.cpp); {_backends.BUILD_HINT}"
-            )
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
-        return op
-    if backend == "triton":
-        fn = _triton_fn()
-        if fn is None:
-            raise RuntimeError("backend='triton' was requested but Triton is not installed")
-        if not _backends.triton_available(device):
-            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got tensors on {device}")
-        return fn
-    # auto
-    if device.type == "cuda" and _triton_fn() is not None:
-        return _triton_fn()
-    if device.type == "cpu" and _cpp_op() is not None:
-        return _cpp_op()
-    return _assemble_reference
-
-
-class _AssembleEmbeds(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, table, prompt, row_index, starts, prompt_index, per_row, impl):
-        batch, length = row_index.shape
-        m, dim = prompt.shape[1], prompt.shape[2]
-        out = new_output((batch, m + length, dim), table)
-        if out.numel():
-            impl(out, table, row_index, starts, prompt, prompt_index)
-        ctx.save_for_backward(row_index, starts, prompt_index)
-        ctx.shapes = (tuple(table.shape), tuple(prompt.shape), table.dtype, prompt.dtype)
-        ctx.per_row = per_row
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        row_index, starts, prompt_index = ctx.saved_tensors
-        table_shape, prompt_shape, table_dtype, prompt_dtype = ctx.shapes
-        num_prompts, m, _ = prompt_shape
-        grad_table = grad_prompt = None
-        if ctx.needs_input_grad[1]:
-            # Sums over rows run in float32 at least (a half prompt gets one rounding).
-            acc = torch.promote_types(prompt_dtype, torch.float32)
-            rows = _prompt_slots_gradient(grad, starts, m)
-            if ctx.per_row:
-                grad_prompt = rows.to(prompt_dtype)
-            elif num_prompts == 1:
-                grad_prompt = rows.to(acc).sum(0, keepdim=True).to(prompt_dtype)
-            else:
-                from lopa.reference import rows_per_task
-
-                grad_prompt = rows_per_task(rows.to(acc), prompt_index, num_prompts).to(prompt_dtype)
-        if ctx.needs_input_grad[0]:
-            grad_table = _table_gradient(grad, row_index, starts, m, table_shape, table_dtype)
-        return grad_table, grad_prompt, None, None, None, None, None
-
-
-def _table_gradient(grad: Tensor, row_index: Tensor, starts: Tensor, m: int, table_shape, table_dtype) -> Tensor:
-    """Scatter-add the token positions' gradient into the (unfrozen) embedding table."""
-    batch, length = row_index.shape
-    positions = token_positions_for(starts, length, m)
-    tokens = take_positions(grad, positions).reshape(batch * length, grad.shape[-1])
-    grad_table = grad.new_zeros(table_shape, dtype=table_dtype)
-    grad_table.index_add_(0, row_index.reshape(-1), tokens.to(table_dtype))
-    return grad_table
-
-
-def _prompt_slots_gradient(grad: Tensor, starts: Tensor, m: int) -> Tensor:
-    """The (B, m, d) gradient at each row's prompt positions (a gather: no host sync)."""
-    slots = starts[:, None] + torch.arange(m, device=grad.device)[None, :]
-    return grad[torch.arange(grad.shape[0], device=grad.device)[:, None], slots]
-
-
-def _gated_backward(name: str, grad: Tensor, zs: Tensor, u: Tensor, v: Tensor, task_ids, needs):
-    if name == "reference":
-        from lopa import reference
-
-        return reference.gated_prompt_backward(grad, zs, u, v, task_ids)
-    op = torch.ops.lopa_cpp.gated_prompt_bwd if name == "cpp" else torch.ops.lopa_triton.gated_prompt_bwd
-    return op(grad, zs, u, v, task_ids, *needs)
-
-
-class _AssembleGated(torch.autograd.Function):
-    """Token rows and LoPA's gated prompt rows written once into (B, m+L, d).
-
-    Saves only the inputs; the backward gathers the prompt positions' gradient and runs the
-    gate's own backward kernel (which recomputes ``sigmoid(u @ v)``).
-    """
-
-    @staticmethod
-    def forward(ctx, table, zs, u, v, row_index, starts, task_ids, fill, name):
-        batch, length = row_index.shape
-        m, dim = zs.shape[1], zs.shape[2]
-        out = new_output((batch, m + length, dim), table)
-        if out.numel():
-            fill(out, table, row_index, starts, zs, u, v, task_ids)
-        ctx.save_for_backward(row_index, starts, zs, u, v, task_ids)
-        ctx.table_meta = (tuple(table.shape), table.dtype)
-        ctx.name = name
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        row_index, starts, zs, u, v, task_ids = ctx.saved_tensors
-        need_table, need_zs, need_u, need_v = ctx.needs_input_grad[:4]
-        grads = [None] * 9
-        if need_zs or need_u or need_v:
-            rows = _prompt_slots_gradient(grad, starts, zs.shape[1]).to(zs.dtype).contiguous()
-            dzs, du, dv = _gated_backward(ctx.name, rows, zs, u, v, task_ids, (need_zs, need_u, need_v))
-            grads[1:4] = [dzs if need_zs else None, du if need_u else None, dv if need_v else None]
-        if need_table:
-            grads[0] = _table_gradient(grad, row_index, starts, zs.shape[1], *ctx.table_meta)
-        return tuple(grads)
-
-
-def _gated_fill(prompt: "GatedSource", backend: str, device: torch.device, dtype: torch.dtype):
-    """(fill function, gate backend) of the fused LoPA assembly, or None for the two-step path.
-
-    The two-step path (materialise the gate, then place it) remains for a GatedSource that
-    asks for another backend than the assembly's, and for float64 on CUDA.
-    """
-    impl = _resolve_backend(backend, device)
-    if impl is _assemble_reference:
-        fill, name = _assemble_gated_reference, "reference"
-    elif impl is _cpp_op():
-        fill, name = _cpp_gated_op(), "cpp"
-    elif dtype != torch.float64:
-        fill, name = _triton_gated_fn(), "triton"
-    else:
-        return None
-    if fill is None or prompt.backend not in ("auto", name):
-        return None
-    return fill, name
-
-
-def _assemble_gated_source(table, row_index, starts, prompt: "GatedSource", task_ids, batch, dim, device, backend):
-    from lopa.ops import gated_bank
-
-    bank, task_ids = gated_bank(prompt.zs, prompt.u, prompt.v, task_ids)
-    if bank.shape[-1] != dim:
-        raise ValueError(f"prompt has width {bank.shape[-1]} but the model's embeddings have width {dim}")
-    if bank.device != device:
-        raise ValueError(f"prompt is on {bank.device} but the inputs are on {device}")
-    if prompt.u.shape[0] != batch:
-        raise ValueError(f"the LoPA prompt has u for {prompt.u.shape[0]} rows but the batch has {batch} rows")
-    chosen = _gated_fill(prompt, backend, device, bank.dtype)
-    if chosen is None:
-        return None
-    fill, name = chosen
-    if fill is not _assemble_gated_reference:
-        table = table if table.stride(-1) == 1 else table.contiguous()
-    return _AssembleGated.apply(table, bank, prompt.u, prompt.v, row_index.contiguous(), starts.contiguous(),
-                                task_ids, fill, name)
-
-
-def assemble_embeds(
-    table: Tensor,
-    row_index: Tensor,
-    starts: Tensor,
-    prompt: Tensor,
-    prompt_index: Optional[Tensor] = None,
-    *,
-    backend: str = "auto",
-) -> Tensor:
-    """Low-level assembly: ``out[b]`` = table rows ``row_index[b]`` with prompt rows inserted.
-
-    Args:
-        table: ``(N, d)`` rows to gather (an embedding weight, or ``inputs_embeds.view(B*L, d)``).
-        row_index: ``(B, L)`` int64 row of ``table`` for every input position.
-        starts: ``(B,)`` int64 in ``[0, L]``: where each row's prompt goes.
-        prompt: ``(P, m, d)``; row b uses ``prompt[prompt_index[b]]``.
-        prompt_index: ``(B,)`` int64, default ``arange(B)`` if ``P == B`` else zeros (``P == 1``).
-
-    Returns ``(B, m+L, d)`` in ``table``'s dtype, differentiable w.r.t. ``table`` and ``prompt``.
-    """
-    batch = row_index.shape[0]
-    num_prompts = prompt.shape[0]
-    per_row = False
-    if prompt_index is None:
-        if num_prompts == 1:
-            prompt_index = torch.zeros(batch, dtype=torch.int64, device=table.device)
-        elif num_prompts == batch:
-            prompt_index = torch.arange(batch, dtype=torch.int64, device=table.device)
-            per_row = True
-        else:
-            raise ValueError(
-                f"prompt has {num_prompts} rows of prompts but the batch has {batch} rows; pass "
-                "prompt_index (or task_ids) to say which prompt each row uses"
-            )
-    impl = _resolve_backend(backend, table.device)
-    if impl is not _assemble_reference:
-        table = table if table.stride(-1) == 1 else table.contiguous()
-        prompt = prompt.contiguous()
-    return _AssembleEmbeds.apply(table, prompt, row_index.contiguous(), starts.contiguous(),
-                                 prompt_index.contiguous(), per_row, impl)
-
-
-# ----------------------------------------------------------------------------- public
 def assemble_inputs(
     embedding_weight: Optional[Tensor],
     input_ids: Optional[Tensor],
@@ -524,22 +640,44 @@ def assemble_inputs(
     pad_position: Optional[int] = None,
     backend: str = "auto",
 ) -> AssembledInputs:
-    """Place a soft prompt before each row's first real token; see the module docstring.
+    """Place a soft prompt before each row's first real token of a padded batch.
 
     Args:
         embedding_weight: ``(V, d)`` the model's input embedding table (frozen).
         input_ids: ``(B, L)`` integer token ids; or ``None`` with ``inputs_embeds``.
         attention_mask: ``(B, L)`` 0/1, left or right padding; ``None`` means no padding.
         prompt: a tensor ``(m, d)`` / ``(B, m, d)`` / ``(T, m, d)`` (bank, with ``task_ids``),
-            or a :class:`ULPTSource` / :class:`GatedSource` evaluated with the fused ops.
+            or a :class:`ULPTSource` / :class:`GatedSource` computed inside the assembly.
         task_ids: ``(B,)`` integer task of each row, for a bank.
         inputs_embeds: ``(B, L, d)`` precomputed token embeddings instead of ``input_ids``.
         position_offset, pad_position: see :func:`position_ids_from_mask`.
-        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"`` for the assembly kernel.
+        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
 
     Returns:
         :class:`AssembledInputs` with ``inputs_embeds`` ``(B, m+L, d)`` in the table's dtype.
     """
+    table, token_ids, device = _token_source(embedding_weight, input_ids, inputs_embeds)
+    batch, length = token_ids.shape
+    _check_mask(attention_mask, batch, length, device)
+    rows, task_ids = prompt_rows(prompt, table.shape[1], device, task_ids, batch)
+    plan = plan_padded(token_ids, attention_mask, rows.rows, task_ids=task_ids, position_offset=position_offset,
+                       pad_position=pad_position, check_padding=False)
+    follow = _check_ids_and_padding(token_ids if input_ids is not None else None, table.shape[0],
+                                    plan.blocks[:, 3])
+    plan = _with_follow(plan, follow)
+    embeds = assemble(table, plan, PromptRows(rows.kind, rows.tensors), backend=backend)
+    return AssembledInputs(embeds, plan.attention_mask, plan.position_ids, plan.token_positions,
+                           plan.blocks[:, 3], rows.rows, follow, plan)
+
+
+def _with_follow(plan: LayoutPlan, follow: Optional[bool]) -> LayoutPlan:
+    from dataclasses import replace
+
+    return replace(plan, tokens_follow_prompt=follow)
+
+
+def _token_source(embedding_weight, input_ids, inputs_embeds):
+    """``(table, token_ids (B, L), device)``: rows of the embedding table, or of the given embeddings."""
     if inputs_embeds is not None:
         require_tensor("inputs_embeds", inputs_embeds)
         if input_ids is not None:
@@ -550,57 +688,37 @@ def assemble_inputs(
             raise TypeError(f"inputs_embeds must be a floating tensor, got dtype {inputs_embeds.dtype}")
         batch, length, dim = inputs_embeds.shape
         device = inputs_embeds.device
-        table = inputs_embeds.reshape(batch * length, dim)
-        row_index = torch.arange(batch * length, device=device, dtype=torch.int64).view(batch, length)
-    else:
-        if input_ids is None:
-            raise ValueError("input_ids (B, L) is required (or inputs_embeds)")
-        require_tensor("input_ids", input_ids)
-        require_tensor("embedding_weight", embedding_weight)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (B, L), got {input_ids.dim()}-D tensor of shape {shape_str(input_ids)}")
-        if input_ids.dtype not in INT_DTYPES:
-            raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-        if embedding_weight.dim() != 2:
-            raise ValueError(f"embedding_weight must have shape (V, d), got {shape_str(embedding_weight)}")
-        if embedding_weight.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"embedding_weight must be a floating tensor, got dtype {embedding_weight.dtype}")
-        if input_ids.device != embedding_weight.device:
-            raise ValueError(f"input_ids is on {input_ids.device} but the embedding table is on {embedding_weight.device}")
-        batch, length = input_ids.shape
-        dim = embedding_weight.shape[1]
-        device = embedding_weight.device
-        table = embedding_weight
-        row_index = input_ids.to(torch.int64)
-    if attention_mask is not None:
-        require_tensor("attention_mask", attention_mask)
-        if tuple(attention_mask.shape) != (batch, length):
-            raise ValueError(
-                f"attention_mask must have the shape of input_ids ({batch}, {length}), got {shape_str(attention_mask)}"
-            )
-        if attention_mask.device != device:
-            raise ValueError(f"attention_mask is on {attention_mask.device} but the inputs are on {device}")
-
-    starts = first_token_index(attention_mask, batch, length, device)
-    follow = _check_ids_and_padding(row_index if input_ids is not None else None, table.shape[0], starts)
-    embeds = None
-    if isinstance(prompt, GatedSource):
-        embeds = _assemble_gated_source(table, row_index, starts, prompt, task_ids, batch, dim, device, backend)
-    if embeds is None:
-        bank, prompt_index = _prompt_rows(prompt, task_ids, batch, dim, device)
-        m = bank.shape[1]
-        embeds = assemble_embeds(table, row_index, starts, bank, prompt_index, backend=backend)
-    else:
-        m = prompt.zs.shape[-2]
-    positions = token_positions_for(starts, length, m)
-    base_mask = (torch.ones(batch, length, dtype=torch.int64, device=device) if attention_mask is None
-                 else attention_mask.to(torch.int64))
-    mask = insert_virtual(base_mask, positions, m, 1)
-    pos = position_ids_from_mask(mask, position_offset, pad_position)
-    return AssembledInputs(embeds, mask, pos, positions, starts, m, follow)
+        ids = torch.arange(batch * length, device=device, dtype=torch.int64).view(batch, length)
+        return inputs_embeds.reshape(batch * length, dim), ids, device
+    if input_ids is None:
+        raise ValueError("input_ids (B, L) is required (or inputs_embeds)")
+    require_tensor("input_ids", input_ids)
+    require_tensor("embedding_weight", embedding_weight)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (B, L), got {input_ids.dim()}-D tensor of shape {shape_str(input_ids)}")
+    if input_ids.dtype not in INT_DTYPES:
+        raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+    if embedding_weight.dim() != 2:
+        raise ValueError(f"embedding_weight must have shape (V, d), got {shape_str(embedding_weight)}")
+    if embedding_weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"embedding_weight must be a floating tensor, got dtype {embedding_weight.dtype}")
+    if input_ids.device != embedding_weight.device:
+        raise ValueError(f"input_ids is on {input_ids.device} but the embedding table is on {embedding_weight.device}")
+    return embedding_weight, input_ids.to(torch.int64), embedding_weight.device
 
 
-def _check_ids_and_padding(row_index: Optional[Tensor], num_rows: int, starts: Tensor) -> Optional[bool]:
+def _check_mask(attention_mask, batch: int, length: int, device) -> None:
+    if attention_mask is None:
+        return
+    require_tensor("attention_mask", attention_mask)
+    if tuple(attention_mask.shape) != (batch, length):
+        raise ValueError(f"attention_mask must have the shape of input_ids ({batch}, {length}), got "
+                         f"{shape_str(attention_mask)}")
+    if attention_mask.device != device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but the inputs are on {device}")
+
+
+def _check_ids_and_padding(token_ids: Optional[Tensor], num_rows: int, starts: Tensor) -> Optional[bool]:
     """Range-check token ids and learn whether any row is left-padded, in one host sync.
 
     The sync happens here, before the model's kernels are queued, so it waits for little;
@@ -609,45 +727,10 @@ def _check_ids_and_padding(row_index: Optional[Tensor], num_rows: int, starts: T
     if torch.compiler.is_compiling() or starts.numel() == 0:
         return None
     stats = [starts.max()]
-    if row_index is not None and row_index.numel():
-        stats += list(torch.aminmax(row_index))
+    if token_ids is not None and token_ids.numel():
+        stats += list(torch.aminmax(token_ids))
     values = torch.stack(stats).tolist()
     if len(values) == 3 and (values[1] < 0 or values[2] >= num_rows):
         bad = values[1] if values[1] < 0 else values[2]
         raise IndexError(f"input_ids contains {bad}, outside the embedding table's {num_rows} rows")
     return values[0] == 0
-
-
-def _prompt_rows(prompt: Any, task_ids, batch: int, dim: int, device):
-    """Normalise a prompt source to ``(P, m, d)`` rows and the ``(B,)`` index of each row's prompt."""
-    if isinstance(prompt, GatedSource):
-        # The fused op applies the bank selection itself and returns one prompt per row.
-        prompt = prompt.materialize(task_ids)
-        task_ids = None
-    elif isinstance(prompt, ULPTSource):
-        prompt = prompt.materialize()
-    elif not isinstance(prompt, Tensor):
-        raise TypeError(
-            f"prompt must be a Tensor, ULPTSource or GatedSource, got {type(prompt).__name__}"
-        )
-    if prompt.dim() not in (2, 3):
-        raise ValueError(f"prompt must have shape (m, d), (B, m, d) or (T, m, d), got {shape_str(prompt)}")
-    if prompt.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"prompt must be a floating tensor, got dtype {prompt.dtype}")
-    if prompt.shape[-1] != dim:
-        raise ValueError(f"prompt has width {prompt.shape[-1]} but the model's embeddings have width {dim}")
-    if prompt.device != device:
-        raise ValueError(f"prompt is on {prompt.device} but the inputs are on {device}")
-    if prompt.dim() == 2:
-        if task_ids is not None:
-            raise ValueError("task_ids was given but the prompt is a single (m, d) prompt; pass a (T, m, d) bank")
-        return prompt.unsqueeze(0), None
-    if task_ids is not None:
-        task_ids = check_task_ids(task_ids, batch, prompt.shape[0], device)
-        return prompt, task_ids
-    if prompt.shape[0] != batch and prompt.shape[0] != 1:
-        raise ValueError(
-            f"prompt has {prompt.shape[0]} prompts but the batch has {batch} rows; pass task_ids "
-            "for a bank, or one prompt per row"
-        )
-    return prompt, None

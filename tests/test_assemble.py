@@ -1,10 +1,19 @@
-"""Input assembly: every kernel against a per-row torch.cat reference, forward and backward."""
+"""The input assembly: every layout of the plan, on every backend, against per-row references.
+
+Layouts: padded batches (left, right, none), packed rows (a prompt per sequence, or none with a
+shared prefix), serving batches (per-task prompt lengths, several prompt kinds in one batch),
+prompt-only rows.  Prompt kinds: a copy (shared, per row, bank), ULPT, the LoPA gate.  Every
+output is NaN-poisoned first, compared with a torch.cat reference, and its gradients with a
+float64 reference.
+"""
+import subprocess
+import sys
+
 import pytest
 import torch
 
-import lopa
 from lopa import assemble as A
-from lopa import _backends
+from lopa import layout as Lo
 from lopa.testing import poisoned_outputs
 
 import tiny_models as tm
@@ -19,16 +28,11 @@ def _device(backend):
 @pytest.fixture(params=ASSEMBLY_BACKENDS)
 def asm_backend(request):
     name = request.param
-    if name == "cpp" and A._cpp_op() is None:
-        pytest.skip("C++ assembly op not built")
-    if name == "triton" and not (A._triton_fn() is not None and _backends.triton_available(_device(name))):
-        pytest.skip("Triton cannot run here")
+    try:
+        A.assembly_backend(name, _device(name), torch.float32)
+    except (RuntimeError, ValueError) as exc:
+        pytest.skip(str(exc))
     return name
-
-
-def _manual(table, ids, mask, prompt_rows):
-    """Per-row reference: [left pads | prompt | rest] via torch.cat, and the extended mask."""
-    return tm.manual_rows(table, ids, mask, prompt_rows)[:2]
 
 
 def _mask(kind, batch, length, g):
@@ -44,65 +48,103 @@ def _mask(kind, batch, length, g):
     return mask
 
 
+# ----------------------------------------------------------------------------- prompt kinds
+def _source(kind, batch, m, d, g, dtype=torch.float32, rank=3):
+    """(prompt source, task_ids, function of the source's tensors giving the (B, m, d) rows, tensors)."""
+    if kind == "shared":
+        p = torch.randn(m, d, generator=g, dtype=dtype)
+        return p, None, lambda p: p.expand(batch, m, d), [p]
+    if kind == "per_row":
+        p = torch.randn(batch, m, d, generator=g, dtype=dtype)
+        return p, None, lambda p: p, [p]
+    if kind == "bank":
+        p = torch.randn(4, m, d, generator=g, dtype=dtype)
+        ids = torch.randint(0, 3, (batch,), generator=g)  # task 3 unused
+        return p, ids, lambda p: p[ids], [p]
+    if kind == "ulpt":
+        z = torch.randn(3, m, rank, generator=g, dtype=dtype)
+        proj = torch.randn(rank, d, generator=g, dtype=dtype)
+        scale, shift = torch.randn(3, d, generator=g, dtype=dtype), torch.randn(3, d, generator=g, dtype=dtype)
+        ids = torch.randint(0, 3, (batch,), generator=g)
+
+        def rows(z, proj, scale, shift):
+            return ((z @ proj) * scale[:, None] + shift[:, None])[ids]
+        return A.ULPTSource(z, proj, scale, shift), ids, rows, [z, proj, scale, shift]
+    zs = torch.randn(2, m, d, generator=g, dtype=dtype)
+    u = torch.randn(batch, m, rank, generator=g, dtype=dtype)
+    v = torch.randn(batch, d, rank, generator=g, dtype=dtype).transpose(1, 2)  # strided, as the v head gives it
+    ids = torch.randint(0, 2, (batch,), generator=g)
+
+    def gate(zs, u, v):
+        return zs[ids] * torch.sigmoid(u @ v)
+    return A.GatedSource(zs, u, v), ids, gate, [zs, u, v]
+
+
+def _with_tensors(source, tensors):
+    if isinstance(source, A.ULPTSource):
+        return A.ULPTSource(*tensors)
+    if isinstance(source, A.GatedSource):
+        return A.GatedSource(*tensors)
+    return tensors[0]
+
+
+def _leaves(tensors, device, dtype=None):
+    out = []
+    for t in tensors:
+        leaf = t.detach().clone().to(device=device, dtype=dtype or t.dtype)
+        if t.dim() == 3 and t.stride(1) == 1:  # keep the transposed layout of v
+            leaf = t.detach().transpose(1, 2).contiguous().transpose(1, 2).to(device=device, dtype=dtype or t.dtype)
+        out.append(leaf.requires_grad_())
+    return out
+
+
+KINDS = ("shared", "per_row", "bank", "ulpt", "gate")
+
+
+def _check_grads(got_tensors, ref_tensors, tol):
+    for got, ref in zip(got_tensors, ref_tensors):
+        if ref.grad is None:
+            continue
+        torch.testing.assert_close(got.grad.cpu().double(), ref.grad, rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------- padded batches
 CASES = [
-    # batch, L, m, d, pad kind, prompt kind
-    (4, 9, 3, 17, "left", "shared"),
-    (5, 6, 4, 33, "right", "per_row"),
-    (3, 1, 2, 8, "none", "shared"),
-    (6, 7, 5, 130, "left", "bank"),
-    (2, 11, 1, 1, "left", "per_row"),
+    # batch, L, m, d, pad kind
+    (4, 9, 3, 17, "left"),
+    (5, 6, 4, 33, "right"),
+    (3, 1, 2, 8, "none"),
+    (6, 7, 5, 130, "left"),
+    (2, 11, 1, 1, "left"),
 ]
 
 
-@pytest.mark.parametrize("batch,length,m,d,pad,kind", CASES)
-@pytest.mark.parametrize("table_dtype,prompt_dtype", [(torch.float32, torch.float32),
-                                                      (torch.bfloat16, torch.float32),
-                                                      (torch.float16, torch.float16)])
-def test_assembly_matches_manual_cat(asm_backend, batch, length, m, d, pad, kind, table_dtype, prompt_dtype):
+@pytest.mark.parametrize("batch,length,m,d,pad", CASES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
+def test_padded_batch_matches_manual_cat(asm_backend, batch, length, m, d, pad, kind, table_dtype):
     g = torch.Generator().manual_seed(batch * 1000 + length * 10 + m)
     device = _device(asm_backend)
-    vocab = 23
-    table = torch.randn(vocab, d, generator=g).to(table_dtype)
-    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    table = torch.randn(23, d, generator=g).to(table_dtype)
+    ids = torch.randint(0, 23, (batch, length), generator=g)
     mask = _mask(pad, batch, length, g)
-    task_ids = None
-    if kind == "shared":
-        prompt = torch.randn(m, d, generator=g)
-        rows = prompt.expand(batch, m, d)
-    elif kind == "per_row":
-        prompt = torch.randn(batch, m, d, generator=g)
-        rows = prompt
-    else:
-        prompt = torch.randn(4, m, d, generator=g)
-        task_ids = torch.randint(0, 3, (batch,), generator=g)  # task 3 unused
-        rows = prompt[task_ids]
-    prompt = prompt.to(prompt_dtype)
-    expected, expected_mask = _manual(table, ids, mask, rows.to(prompt_dtype))
-
-    p = prompt.detach().clone().to(device).requires_grad_()
+    source, task_ids, rows_of, tensors = _source(kind, batch, m, d, g)
+    leaves = _leaves(tensors, device)
     with poisoned_outputs():
-        got = A.assemble_inputs(table.to(device), ids.to(device), mask.to(device), p,
+        got = A.assemble_inputs(table.to(device), ids.to(device), mask.to(device), _with_tensors(source, leaves),
                                 task_ids=None if task_ids is None else task_ids.to(device), backend=asm_backend)
+    ref_leaves = _leaves(tensors, "cpu", torch.float64)
+    expected, expected_mask, _ = tm.manual_rows(table.double(), ids, mask, rows_of(*ref_leaves))
     emb = got.inputs_embeds
     assert emb.dtype == table_dtype and emb.shape == (batch, m + length, d)
-    if asm_backend == "triton" and table_dtype != prompt_dtype and device.type == "cpu":
-        # Triton's interpreter truncates float32 -> bfloat16 instead of rounding: 1 ulp.
-        torch.testing.assert_close(emb.cpu().float(), expected.float(), rtol=8e-3, atol=0)
-    else:
-        assert torch.equal(emb.cpu(), expected), "assembled embeddings differ from the per-row concatenation"
+    tol = 2e-6 if table_dtype == torch.float32 else 8e-3  # bf16: one rounding (the interpreter truncates)
+    torch.testing.assert_close(emb.cpu().double(), expected, rtol=tol, atol=tol)
     assert torch.equal(got.attention_mask.cpu(), expected_mask)
 
-    # Gradient to the prompt equals autograd through the manual concatenation.
-    weight = torch.randn(emb.shape, generator=g).to(table_dtype)
-    (emb.float() * weight.to(device).float()).sum().backward()
-    p_ref = prompt.detach().clone().float().requires_grad_()  # float32 reference gradient
-    rows_ref = {"shared": lambda: p_ref.expand(batch, m, d), "per_row": lambda: p_ref,
-                "bank": lambda: p_ref[task_ids]}[kind]()
-    ref, _ = _manual(table.float(), ids, mask, rows_ref)
-    (ref * weight.float()).sum().backward()
-    tol = 1e-5 if prompt_dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(p.grad.cpu().float(), p_ref.grad, rtol=tol, atol=tol)
-    assert p.grad.dtype == prompt_dtype
+    weight = torch.randn(emb.shape, generator=g, dtype=torch.float64)
+    (emb.double() * weight.to(device)).sum().backward()
+    (expected * weight).sum().backward()
+    _check_grads(leaves, ref_leaves, 1e-4 if table_dtype == torch.float32 else 5e-2)
 
 
 def test_positions_and_round_trip():
@@ -122,7 +164,6 @@ def test_positions_and_round_trip():
     assert roberta.position_ids.tolist()[0] == [1, 1, 2, 3, 4, 5]
 
 
-
 @pytest.mark.parametrize("mask, follows", [
     (None, True),
     (torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]), True),  # right padding only
@@ -140,6 +181,7 @@ def test_real_tokens_is_a_view_exactly_when_no_row_is_left_padded(mask, follows)
     # Unknown (None) must agree with the known answer.
     assert torch.equal(A.take_positions(logits, got.token_positions, None), expected)
 
+
 def test_left_align_moves_pads_and_keeps_order():
     mask = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1]])
     ids = torch.tensor([[5, 6, 0], [0, 7, 8], [1, 0, 2]])
@@ -150,164 +192,265 @@ def test_left_align_moves_pads_and_keeps_order():
     assert same[0] is new_mask
 
 
-def test_sources_match_materialised_prompts_with_gradients():
-    g = torch.Generator().manual_seed(3)
-    d, n, r, batch, length = 24, 5, 3, 4, 6
-    table = torch.randn(30, d, generator=g)
-    ids = torch.randint(0, 30, (batch, length), generator=g)
-    mask = _mask("left", batch, length, g)
-    proj = lopa.ulpt_projection(r, d, seed=1)
-    params = [torch.randn(n, r, generator=g), torch.rand(d, generator=g) + 0.5, torch.randn(d, generator=g)]
-    a = [t.clone().requires_grad_() for t in params]
-    b = [t.clone().requires_grad_() for t in params]
-    out = A.assemble_inputs(table, ids, mask, A.ULPTSource(a[0], proj, a[1], a[2])).inputs_embeds
-    prompt = lopa.reference.ulpt_prompt(b[0][None], proj, b[1][None], b[2][None])[0]
-    ref = A.assemble_inputs(table, ids, mask, prompt, backend="reference").inputs_embeds
-    torch.testing.assert_close(out, ref)
-    w = torch.randn(out.shape, generator=g)
-    (out * w).sum().backward()
-    (ref * w).sum().backward()
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-5)
-
-    # LoPA's gate with a bank and task ids.
-    zs = torch.randn(3, n, d, generator=g, requires_grad=True)
-    u = torch.randn(batch, n, r, generator=g, requires_grad=True)
-    v = torch.randn(batch, r, d, generator=g, requires_grad=True)
-    tids = torch.tensor([2, 0, 2, 1])
-    out = A.assemble_inputs(table, ids, mask, A.GatedSource(zs, u, v), task_ids=tids).inputs_embeds
-    grads = torch.autograd.grad((out * w).sum(), (zs, u, v))
-    ref_prompt = zs[tids] * torch.sigmoid(u @ v)
-    ref = A.assemble_inputs(table, ids, mask, ref_prompt, backend="reference").inputs_embeds
-    ref_grads = torch.autograd.grad((ref * w).sum(), (zs, u, v))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    for x, y in zip(grads, ref_grads):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+# ----------------------------------------------------------------------------- packed rows
+def _packed(lengths, g, vocab=29):
+    lengths = torch.tensor(lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    ids = torch.randint(0, vocab, (1, int(lengths.sum())), generator=g)
+    return ids, starts, lengths
 
 
-@pytest.mark.parametrize("bank", [False, True], ids=["one-task", "bank"])
-@pytest.mark.parametrize("table_dtype, prompt_dtype", [
-    (torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-], ids=["f64", "f32", "bf16-table"])
-def test_fused_lopa_assembly_matches_gate_then_cat(asm_backend, bank, table_dtype, prompt_dtype):
-    """The gate computed inside the assembly equals materialising it and concatenating per row."""
-    if asm_backend == "triton" and torch.float64 in (table_dtype, prompt_dtype):
-        pytest.skip("Triton runs float16/bfloat16/float32")
-    if asm_backend == "cpp" and A._cpp_gated_op() is None:
-        pytest.skip("C++ extension built without the fused LoPA assembly")
-    dev = _device(asm_backend)
-    g = torch.Generator().manual_seed(11)
-    batch, length, m, r, d, vocab = 5, 7, 3, 3, 37, 23
-    table = torch.randn(vocab, d, generator=g, dtype=torch.float64)
-    ids = torch.randint(0, vocab, (batch, length), generator=g)
-    mask = _mask("left", batch, length, g)
-    tasks = 4 if bank else 1
-    zs64 = torch.randn(tasks, m, d, generator=g, dtype=torch.float64)
-    u64 = torch.randn(batch, m, r, generator=g, dtype=torch.float64)
-    v64 = torch.randn(batch, d, r, generator=g, dtype=torch.float64).transpose(1, 2)  # a head output, strided
-    tids = torch.tensor([3, 0, 3, 1, 0]) if bank else None  # repeated and unused tasks
-
-    def leaves(dtype, device):
-        zs = (zs64 if bank else zs64[0]).to(device, dtype).requires_grad_()
-        u = u64.to(device, dtype).requires_grad_()
-        v = v64.to(device, dtype).detach().requires_grad_()
-        return zs, u, v
-
-    zs, u, v = leaves(prompt_dtype, dev)
-    assert not v.is_contiguous()
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("lengths", [[3, 1, 5], [7], [1, 1, 1, 2]])
+def test_packed_row_gives_each_sequence_its_own_prompt(asm_backend, kind, lengths):
+    g = torch.Generator().manual_seed(sum(lengths) * 7 + len(lengths))
+    device = _device(asm_backend)
+    m, d = 3, 19
+    table = torch.randn(29, d, generator=g)
+    ids, starts, lens = _packed(lengths, g)
+    source, task_ids, rows_of, tensors = _source(kind, len(lengths), m, d, g)
+    plan = Lo.plan_packed(ids.to(device), starts.to(device), lens.to(device), m,
+                          task_ids=None if task_ids is None else task_ids.to(device))
+    leaves = _leaves(tensors, device)
     with poisoned_outputs():
-        got = A.assemble_inputs(table.to(dev, table_dtype), ids.to(dev), mask.to(dev), A.GatedSource(zs, u, v),
-                                task_ids=None if tids is None else tids.to(dev), backend=asm_backend).inputs_embeds
-    assert not torch.isnan(got).any()
-    w = torch.randn(got.shape, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad((got.double() * w.to(dev)).sum(), (zs, u, v))
-
-    rzs, ru, rv = leaves(torch.float64, "cpu")
-    rows = (rzs[tids] if bank else rzs) * torch.sigmoid(ru @ rv)
-    expected, _ = _manual(table, ids, mask, rows)
-    ref_grads = torch.autograd.grad((expected * w).sum(), (rzs, ru, rv))
-    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2}[table_dtype]
-    torch.testing.assert_close(got.double().cpu(), expected, rtol=tol, atol=tol)
-    gtol = 1e-10 if prompt_dtype == torch.float64 else 1e-2 if table_dtype == torch.bfloat16 else 1e-4
-    for name, x, y in zip(("zs", "u", "v"), grads, ref_grads):
-        torch.testing.assert_close(x.double().cpu(), y, rtol=gtol, atol=gtol, msg=lambda s: f"grad {name}: {s}")
-    if bank:
-        assert torch.all(grads[0][2] == 0), "an unused task gets a zero gradient"
-
-
-def test_fused_lopa_assembly_does_not_materialise_the_prompt(monkeypatch):
-    """The fused path never calls the gate op (which would allocate the (B, m, d) prompt)."""
-    calls = []
-    monkeypatch.setattr(lopa, "gated_lowrank_prompt", lambda *a, **k: calls.append(1))
-    g = torch.Generator().manual_seed(2)
-    zs, u, v = torch.randn(2, 8, generator=g), torch.randn(3, 2, 2, generator=g), torch.randn(3, 2, 8, generator=g)
-    out = A.assemble_inputs(torch.randn(9, 8, generator=g), torch.randint(0, 9, (3, 4), generator=g), None,
-                            A.GatedSource(zs, u, v)).inputs_embeds
-    assert out.shape == (3, 6, 8) and not calls
+        out = A.assemble(table.to(device), plan, _with_tensors(source, leaves),
+                         task_ids=None if task_ids is None else task_ids.to(device), backend=asm_backend)
+    ref_leaves = _leaves(tensors, "cpu", torch.float64)
+    prompts = rows_of(*ref_leaves)
+    parts = []
+    for s, (a, n) in enumerate(zip(starts.tolist(), lens.tolist())):
+        parts += [prompts[s], table.double()[ids[0, a:a + n]]]
+    expected = torch.cat(parts)[None]
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=2e-6, atol=2e-6)
+    # Positions restart at every sequence's prompt; the tokens are where token_positions says.
+    expected_pos = torch.cat([torch.arange(m + n) for n in lens.tolist()])
+    assert plan.position_ids.cpu().tolist() == [expected_pos.tolist()]
+    assert plan.attention_mask.cpu().eq(1).all()
+    torch.testing.assert_close(out[0, plan.token_positions[0]].cpu().double(), table.double()[ids[0]])
+    weight = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    (out.double() * weight.to(device)).sum().backward()
+    (expected * weight).sum().backward()
+    _check_grads(leaves, ref_leaves, 1e-4)
 
 
-def test_embedding_table_gradient_when_unfrozen():
-    g = torch.Generator().manual_seed(5)
-    table = torch.randn(12, 7, generator=g, requires_grad=True)
-    ids = torch.randint(0, 12, (3, 5), generator=g)
-    mask = _mask("left", 3, 5, g)
-    prompt = torch.randn(2, 7, generator=g)
-    out = A.assemble_inputs(table, ids, mask, prompt).inputs_embeds
-    w = torch.randn(out.shape, generator=g)
-    (grad,) = torch.autograd.grad((out * w).sum(), table)
-    table_ref = table.detach().clone().requires_grad_()
-    ref, _ = _manual(table_ref, ids, mask, prompt.expand(3, 2, 7))
-    (ref_grad,) = torch.autograd.grad((ref * w).sum(), table_ref)
-    torch.testing.assert_close(grad, ref_grad)
+def test_packed_row_with_a_shared_prefix_holds_tokens_only(asm_backend):
+    g = torch.Generator().manual_seed(3)
+    device = _device(asm_backend)
+    table = torch.randn(29, 6, generator=g)
+    ids, starts, lens = _packed([2, 4, 1], g)
+    plan = Lo.plan_packed(ids.to(device), starts.to(device), lens.to(device), 5, inline_prompt=False)
+    with poisoned_outputs():
+        out = A.assemble(table.to(device), plan, None, backend=asm_backend)
+    assert torch.equal(out[0].cpu(), table[ids[0]])
+    assert plan.position_ids.cpu().tolist() == [[5, 6, 5, 6, 7, 8, 5]]  # after the 5 prefix positions
+    assert plan.token_positions.cpu().tolist() == [list(range(7))]
 
 
-def test_inputs_embeds_source():
-    g = torch.Generator().manual_seed(6)
-    embeds = torch.randn(3, 4, 5, generator=g)
-    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
-    prompt = torch.randn(2, 5, generator=g)
-    got = A.assemble_inputs(None, None, mask, prompt, inputs_embeds=embeds).inputs_embeds
-    for b, s in enumerate([1, 0, 3]):
-        assert torch.equal(got[b], torch.cat([embeds[b, :s], prompt, embeds[b, s:]]))
-
-
-@pytest.mark.parametrize("call,match", [
-    (lambda t, i, m, p: A.assemble_inputs(t, i.float(), m, p), "input_ids must be an integer tensor"),
-    (lambda t, i, m, p: A.assemble_inputs(t, i[0], m, p), r"input_ids must have shape \(B, L\)"),
-    (lambda t, i, m, p: A.assemble_inputs(t, i, m[:, :2], p), "attention_mask must have the shape of input_ids"),
-    (lambda t, i, m, p: A.assemble_inputs(t, i, m, p[:, :3]), "prompt has width 3 but the model's embeddings have width 4"),
-    (lambda t, i, m, p: A.assemble_inputs(t, i + 100, m, p), "input_ids contains 10[0-9], outside the embedding table's 10 rows"),
-    (lambda t, i, m, p: A.assemble_inputs(t, i, m, p.expand(5, 2, 4)), "prompt has 5 prompts but the batch has 3 rows"),
-    (lambda t, i, m, p: A.assemble_inputs(t, i, m, p, task_ids=torch.tensor([0, 1, 0])), "task_ids was given"),
-    (lambda t, i, m, p: A.assemble_inputs(t, i, m, p.expand(2, 2, 4), task_ids=torch.tensor([0, 2, 0])), "outside the bank"),
-    (lambda t, i, m, p: A.assemble_inputs(t, i, m, "prompt"), "prompt must be a Tensor, ULPTSource or GatedSource"),
-    (lambda t, i, m, p: A.assemble_inputs(t, i, m, p, backend="cuda"), "backend must be one of"),
-    (lambda t, i, m, p: A.assemble_inputs(t, i, m, A.GatedSource(torch.randn(2, 5), torch.randn(3, 2, 1),
-                                                                torch.randn(3, 1, 5))),
-     "prompt has width 5 but the model's embeddings have width 4"),
-    (lambda t, i, m, p: A.assemble_inputs(t, i, m, A.GatedSource(p, torch.randn(2, 2, 1), torch.randn(2, 1, 4))),
-     "u for 2 rows but the batch has 3 rows"),
-    (lambda t, i, m, p: A.assemble_inputs(t, i, m, A.GatedSource(p, torch.randn(3, 2, 2), torch.randn(3, 1, 4))),
-     "v has size 1 in dimension 1 but the rank r of u is 2"),
-])
-def test_bad_inputs_name_the_argument(call, match):
-    table = torch.randn(10, 4)
-    ids = torch.randint(0, 10, (3, 5))
-    mask = torch.ones(3, 5, dtype=torch.int64)
-    with pytest.raises((ValueError, TypeError, IndexError), match=match):
-        call(table, ids, mask, torch.randn(2, 4))
-
-
-def test_opcheck_cpp_assembly_ops():
-    if A._cpp_gated_op() is None:
-        pytest.skip("C++ extension built without the fused LoPA assembly")
+def test_prompt_only_rows_build_each_tasks_prefix_once(asm_backend):
     g = torch.Generator().manual_seed(4)
-    batch, length, m, r, d = 3, 4, 2, 3, 9
-    table = torch.randn(11, d, generator=g)
-    row_index = torch.randint(0, 11, (batch, length), generator=g)
-    starts = torch.tensor([0, 2, 4])
-    out = torch.empty(batch, m + length, d)
-    zs, u = torch.randn(2, m, d, generator=g), torch.randn(batch, m, r, generator=g)
-    v = torch.randn(batch, d, r, generator=g).transpose(1, 2)
-    torch.library.opcheck(A._cpp_gated_op(), (out, table, row_index, starts, zs, u, v, torch.tensor([1, 0, 1])))
-    torch.library.opcheck(A._cpp_op(), (out, table, row_index, starts, zs, torch.tensor([1, 0, 1])))
+    device = _device(asm_backend)
+    z, proj = torch.randn(3, 4, 2, generator=g), torch.randn(2, 10, generator=g)
+    scale, shift = torch.randn(3, 10, generator=g), torch.randn(3, 10, generator=g)
+    tasks = torch.tensor([2, 0])
+    plan = Lo.plan_prompts_only(tasks.to(device), 4)
+    with poisoned_outputs():
+        out = A.assemble(torch.randn(5, 10, generator=g).to(device), plan,
+                         A.ULPTSource(*(t.to(device) for t in (z, proj, scale, shift))), backend=asm_backend)
+    expected = ((z @ proj) * scale[:, None] + shift[:, None])[tasks]
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
+    assert plan.position_ids.tolist() == [[0, 1, 2, 3]] * 2
+
+
+# ----------------------------------------------------------------------------- serving batches
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_serving_plan_mixes_prompt_kinds_and_lengths(asm_backend, padding_side):
+    """Rows of two sources with different prompt lengths: one token pass, one prompt pass each."""
+    g = torch.Generator().manual_seed(11)
+    device = _device(asm_backend)
+    d, pad = 13, 7
+    table = torch.randn(31, d, generator=g)
+    lengths = [3, 6, 1, 4]
+    bank = torch.randn(3, 5, d, generator=g)  # PT tasks, m = 5
+    z, proj = torch.randn(2, 2, 3, generator=g), torch.randn(3, d, generator=g)
+    scale, shift = torch.randn(2, d, generator=g), torch.randn(2, d, generator=g)  # ULPT tasks, m = 2
+    rows_pt, rows_ulpt, pt_tasks, ulpt_tasks = [0, 2], [1, 3], [2, 0], [1, 1]
+    plen = [5, 2, 5, 2]
+    ids = torch.randint(0, 31, (sum(lengths),), generator=g)
+    plan = Lo.plan_requests(lengths, plen, ids.to(device), pad_id=pad, padding_side=padding_side)
+    name = A.assembly_backend(asm_backend, device, torch.float32)
+    with poisoned_outputs():
+        out = torch.full((4, plan.length, d), float("nan"), device=device)
+        A.place_tokens(out, table.to(device), plan, name)
+        A.place_prompt(out, plan, A.PromptRows(A.KIND_COPY, (bank.to(device),)), torch.tensor(pt_tasks, device=device),
+                       torch.tensor(rows_pt, device=device), name)
+        A.place_prompt(out, plan, A.PromptRows(A.KIND_ULPT, tuple(t.to(device) for t in (z, proj, scale, shift))),
+                       torch.tensor(ulpt_tasks, device=device), torch.tensor(rows_ulpt, device=device), name)
+    ulpt = (z @ proj) * scale[:, None] + shift[:, None]
+    at = 0
+    for b, n in enumerate(lengths):
+        prompt = bank[pt_tasks[rows_pt.index(b)]] if b in rows_pt else ulpt[ulpt_tasks[rows_ulpt.index(b)]]
+        row = torch.cat([prompt, table[ids[at:at + n]]])
+        pads = table[pad].expand(plan.length - row.shape[0], d)
+        expected = torch.cat([pads, row] if padding_side == "left" else [row, pads])
+        torch.testing.assert_close(out[b].cpu(), expected, rtol=1e-5, atol=1e-5)
+        real = torch.cat([torch.zeros(len(pads)), torch.ones(len(row))] if padding_side == "left"
+                         else [torch.ones(len(row)), torch.zeros(len(pads))]).long()
+        assert plan.attention_mask[b].cpu().tolist() == real.tolist()
+        first = int(real.argmax())
+        assert plan.position_ids[b, first:first + len(row)].cpu().tolist() == list(range(len(row)))
+        at += n
+
+
+# ----------------------------------------------------------------------------- properties
+def test_backward_is_bitwise_reproducible(asm_backend):
+    device = _device(asm_backend)
+    ids, mask = tm.batch(6, 9)
+    table = torch.randn(tm.VOCAB, 24, generator=torch.Generator().manual_seed(5)).to(device)
+    grads = []
+    for _ in range(2):
+        for kind in ("bank", "gate", "ulpt"):
+            source, task_ids, _, tensors = _source(kind, 6, 4, 24, torch.Generator().manual_seed(9))
+            leaves = _leaves(tensors, device)
+            out = A.assemble_inputs(table, ids.to(device), mask.to(device), _with_tensors(source, leaves),
+                                    task_ids=None if task_ids is None else task_ids.to(device), backend=asm_backend)
+            upstream = torch.randn(out.inputs_embeds.shape, generator=torch.Generator().manual_seed(10))
+            out.inputs_embeds.backward(upstream.to(device))
+            grads.append([t.grad for t in leaves if t.grad is not None])
+    for first, second in zip(grads[:3], grads[3:]):
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("kind", ["ulpt", "gate"])
+def test_large_ranks_take_the_blas_path_on_the_cpu_and_agree(kind):
+    g = torch.Generator().manual_seed(6)
+    rank = A.CPU_FUSED_MAX_RANK * 4
+    source, task_ids, rows_of, tensors = _source(kind, 3, 4, 40, g, rank=rank)
+    rows, _ = A.prompt_rows(source, 40, torch.device("cpu"), task_ids, 3)
+    assert not A._fused_rows("cpp", rows) and A._fused_rows("cpp", rows._replace(
+        tensors=tuple(t[..., :1] if t.dim() == 3 and t.shape[-1] == rank else t for t in rows.tensors)))
+    ids, mask = tm.batch(3, 5)
+    table = torch.randn(tm.VOCAB, 40, generator=g)
+    results = {}
+    for backend in ("reference", "cpp"):
+        try:
+            A.assembly_backend(backend, torch.device("cpu"), torch.float32)
+        except RuntimeError:
+            continue
+        leaves = _leaves(tensors, "cpu")
+        out = A.assemble_inputs(table, ids, mask, _with_tensors(source, leaves), task_ids=task_ids, backend=backend)
+        out.inputs_embeds.sum().backward()
+        results[backend] = (out.inputs_embeds, [t.grad for t in leaves if t.grad is not None])
+    if len(results) == 2:
+        torch.testing.assert_close(results["cpp"][0], results["reference"][0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(results["cpp"][1], results["reference"][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["shared", "ulpt", "gate"])
+def test_gradcheck_float64(asm_backend, kind):
+    if asm_backend == "triton":
+        pytest.skip("Triton runs float16/bfloat16/float32")
+    g = torch.Generator().manual_seed(7)
+    ids, mask = tm.batch(3, 4)
+    table = torch.randn(tm.VOCAB, 5, generator=g, dtype=torch.float64)
+    source, task_ids, _, tensors = _source(kind, 3, 2, 5, g, dtype=torch.float64, rank=2)
+    leaves = _leaves(tensors, "cpu")
+
+    def run(*xs):
+        return A.assemble_inputs(table, ids, mask, _with_tensors(source, xs), task_ids=task_ids,
+                                 backend=asm_backend).inputs_embeds
+    assert torch.autograd.gradcheck(run, leaves)
+
+
+def test_assembly_op_passes_opcheck(asm_backend):
+    if asm_backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("opcheck's fake-tensor tests need the op's device kernels; covered on a GPU")
+    g = torch.Generator().manual_seed(8)
+    device = _device(asm_backend)
+    ids, mask = tm.batch(3, 5)
+    plan = Lo.plan_padded(ids.to(device), mask.to(device), 2)
+    table = torch.randn(tm.VOCAB, 6, generator=g).to(device)
+    z, proj = torch.randn(1, 2, 2, generator=g, requires_grad=True), torch.randn(2, 6, generator=g)
+    scale, shift = torch.randn(1, 6, generator=g, requires_grad=True), torch.randn(1, 6, generator=g)
+    name = A.assembly_backend(asm_backend, device, torch.float32)
+    args = (table, plan.blocks, plan.task_ids, plan.position_block, plan.token_ids, 0, A.KIND_ULPT,
+            [t.to(device) for t in (z, proj, scale, shift)], name)
+    torch.library.opcheck(torch.ops.lopa.assemble.default, args)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_cpp_kernels_reject_a_damaged_plan():
+    if "cpp" not in [b for b in ASSEMBLY_BACKENDS if _runnable(b)]:
+        pytest.skip("C++ assembly not built")
+    ids, mask = tm.batch(2, 4)
+    plan = Lo.plan_padded(ids, mask, 2)
+    table = torch.randn(tm.VOCAB, 3)
+    out = torch.empty(2, 6, 3)
+    ops = torch.ops.lopa_cpp
+    bad_blocks = plan.blocks.clone()
+    bad_blocks[1, 5] = 10**12  # token offset far outside token_ids
+    with pytest.raises(IndexError, match="block 1"):
+        ops.place_tokens(out, table, bad_blocks, plan.position_block, plan.token_ids, 0)
+    bad_ids = plan.token_ids.clone()
+    bad_ids[3] = tm.VOCAB
+    with pytest.raises(IndexError, match="token_ids"):
+        ops.place_tokens(out, table, plan.blocks, plan.position_block, bad_ids, 0)
+    bad_pb = plan.position_block.clone()
+    bad_pb[0, 0] = 7
+    with pytest.raises(IndexError, match="position_block"):
+        ops.place_tokens(out, table, plan.blocks, bad_pb, plan.token_ids, 0)
+    with pytest.raises(IndexError, match="task_ids"):
+        ops.place_prompt(out, plan.blocks, torch.arange(2), torch.tensor([0, 5]), A.KIND_COPY, [torch.randn(2, 2, 3)])
+    with pytest.raises(IndexError, match="prompt rows"):
+        ops.place_prompt(out, plan.blocks, torch.arange(2), torch.tensor([0, 1]), A.KIND_COPY, [torch.randn(2, 3, 3)])
+
+
+def _runnable(backend):
+    try:
+        A.assembly_backend(backend, _device(backend), torch.float32)
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+_DAMAGED_PLAN_SCRIPT = r"""
+import os, torch
+os.environ["TRITON_INTERPRET"] = "1"
+from lopa import layout as Lo
+from lopa.kernels import assemble as K
+ids = torch.randint(0, 7, (2, 4)); plan = Lo.plan_padded(ids, None, 2)
+blocks = plan.blocks.clone(); blocks[1, 5] = 10**12; blocks[0, 4] = 10**9
+pb = plan.position_block.clone(); pb[0, 1] = 10**12
+out = torch.zeros(2, 6, 3)
+K.place_tokens_(out, torch.randn(7, 3), blocks, pb, plan.token_ids, 10**15)
+K.place_prompt_(out, blocks, torch.tensor([0, 10**12]), torch.tensor([-5, 10**11]), K.KIND_COPY,
+                [torch.randn(2, 2, 3)])
+print("survived")
+"""
+
+
+@pytest.mark.skipif(not _runnable("triton") or torch.cuda.is_available(), reason="the interpreter case")
+def test_triton_kernels_never_read_outside_a_damaged_plan():
+    """Indices read from a damaged plan are clamped on the device: no stray read, no crash."""
+    done = subprocess.run([sys.executable, "-c", _DAMAGED_PLAN_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "survived" in done.stdout, done.stderr[-2000:]
+
+
+def test_bad_inputs_get_clear_errors():
+    table = torch.randn(10, 4)
+    ids = torch.randint(0, 10, (2, 3))
+    with pytest.raises(ValueError, match="width"):
+        A.assemble_inputs(table, ids, None, torch.randn(2, 5))
+    with pytest.raises(IndexError, match="input_ids contains 12"):
+        A.assemble_inputs(table, torch.tensor([[1, 12, 3]]), None, torch.randn(2, 4))
+    with pytest.raises(ValueError, match="task_ids"):
+        A.assemble_inputs(table, ids, None, torch.randn(2, 4), task_ids=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        A.assemble_inputs(table, ids, torch.ones(2, 4), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="backend"):
+        A.assemble_inputs(table, ids, None, torch.randn(2, 4), backend="fast")
+    with pytest.raises(TypeError, match="prompt must be"):
+        A.assemble_inputs(table, ids, None, "prompt")
+    plan = Lo.plan_padded(ids, None, 2)
+    with pytest.raises(ValueError, match="3 rows but the plan places 2"):
+        A.assemble(table, plan, torch.randn(3, 4))

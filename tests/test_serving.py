@@ -327,7 +327,7 @@ def test_number_of_ops_does_not_grow_with_the_number_of_tasks(method):
             bank.assemble(requests, embedding_weight=table, backend="torch")
         counts.append(counter.ops)
     assert counts[0] == counts[1]
-    assert len(counts[0]) < 80  # views included
+    assert len(counts[0]) < 160  # views included (the reference kernels are plain torch ops)
 
 
 def test_bad_requests_get_errors_and_the_rest_is_served():

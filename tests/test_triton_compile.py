@@ -17,7 +17,7 @@ import pytest
 INT_POINTERS = {
     "row_index_ptr", "starts_ptr", "ids_ptr", "prompt_index_ptr", "order_ptr", "cstart_ptr", "clen_ptr",
     "ctask_ptr", "first_ptr", "count_ptr", "rows_ptr", "slots_ptr", "lead_ptr", "plen_ptr", "ntok_ptr",
-    "tokoff_ptr", "src_index_ptr", "mask_ptr", "pos_ptr",
+    "tokoff_ptr", "src_index_ptr", "mask_ptr", "pos_ptr", "blocks_ptr", "position_block_ptr", "block_index_ptr",
 }
 
 
@@ -42,7 +42,6 @@ def _signature(kernel, data: str, constexprs: dict, partial: str = "*fp32", out:
 
 def _cases():
     from lopa.kernels import _shared, assemble, gated_prompt, ulpt_prompt
-    from lopa.serving import _triton as serving
 
     for rank in (4, 64):  # rank-1 updates, and tl.dot
         fwd, bwd = _shared.forward_tiles_for(32, 2048, rank), _shared.tiles_for(32, 2048, rank)
@@ -65,12 +64,9 @@ def _cases():
                             BLOCK_N=bwd.m, BLOCK_D=bwd.d, BLOCK_R=bwd.r, USE_DOT=bwd.use_dot, WIDE=wide)
     yield _shared._segment_sum_kernel, _signature, "*fp32", dict(BLOCK=1024)
     for out in ("*bf16", "*fp32"):  # prompt parameters stay float32 under a bfloat16 model
-        yield assemble._assemble_kernel, _signature, "*fp32", dict(BLOCK_D=512), out
-        for ids in (False, True):
-            yield assemble._assemble_gated_kernel, _signature, "*fp32", dict(HAS_IDS=ids, BLOCK_D=512), out
-        yield serving._tokens_kernel, _signature, out, dict(BLOCK_D=512)
-        yield serving._ulpt_kernel, _signature, "*fp32", dict(BLOCK_D=512), out
-        yield serving._copy_kernel, _signature, "*fp32", dict(BLOCK_D=512), out
+        yield assemble._tokens_kernel, _signature, out, dict(BLOCK_D=512)
+        for kind in (assemble.KIND_COPY, assemble.KIND_ULPT, assemble.KIND_GATE):
+            yield assemble._prompt_kernel, _signature, "*fp32", dict(KIND=kind, BLOCK_D=512), out
 
 
 def compile_all() -> int:

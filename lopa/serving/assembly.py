@@ -15,33 +15,27 @@ tokenizer's left padding would give.
 Work per call, whatever the number of tasks (``K`` = sub-banks present, see
 :mod:`lopa.serving.store`: one per (method, shape, ULPT seed) -- typically 1 or 2):
 
-* host: one pass over the requests (names to slots, lengths), one host-to-device copy of
-  the packed metadata and token ids;
-* Triton (CUDA): one launch writes every token and pad row plus the mask and positions,
-  then one launch per sub-bank present writes its prompt rows (ULPT rows are computed in
-  that launch from ``z``, ``P``, ``scale``, ``shift``: prompts are built only for the rows
-  that need them, with no intermediate).  Every element is written once.
-* PyTorch (CPU, or CUDA without Triton): one ``index_select`` into the output for every
-  position (prompt positions read the pad row first), then per sub-bank the prompt rows
-  (ULPT by :func:`lopa.ulpt_prompt` with ``task_ids``, i.e. lopa's C++ kernel) placed with
-  one ``index_put_``: prompt positions are written twice, token rows once.
+* host: one pass over the requests (names to slots, lengths) builds the batch's layout plan
+  (:func:`lopa.layout.request_blocks`), moved to the device with the token ids in one copy;
+* the input assembly of training (:mod:`lopa.assemble`: Triton on CUDA, C++ on the CPU, the
+  PyTorch reference otherwise) executes it: one pass writes every token and pad row, then one
+  pass per sub-bank present writes that sub-bank's prompt rows in place -- PT rows copied
+  from the bank, ULPT rows computed from ``z``, ``P``, ``scale``, ``shift``, LoPA rows
+  computed by the gate from each row's ``u``, ``v`` -- only for the rows that need them, with
+  no intermediate.  Every element is written once.
 
-LoPA sub-banks also run each row's task heads (row by row, so that a row does not depend
-on the rest of the batch: :func:`lopa.modules.stacked_lopa_factors`) and the fused gate
-:func:`lopa.gated_lowrank_prompt` with ``task_ids``; their ``(B_k, m, d)`` prompts are then
-placed (one extra pass over the prompt rows).
+LoPA sub-banks first run each row's task heads (row by row, so that a row does not depend
+on the rest of the batch: :func:`lopa.modules.stacked_lopa_factors`); LoPA's ablation
+combines (``add``, ``max``, ``concat``) are materialised and then copied in place.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
-from lopa import _backends
-from lopa.modules import stacked_lopa_prompts
 from lopa.serving.requests import (  # noqa: F401  (the request types were defined here: re-exported)
     ERROR_CODES,
     Request,
@@ -52,152 +46,111 @@ from lopa.serving.requests import (  # noqa: F401  (the request types were defin
     parse,
     token_ids,
 )
+from lopa.serving.registry import lopa_rows as lopa_prompts  # LoPA rows of one sub-bank (used below)
 from lopa.serving.store import SubBank
 
 __all__ = ["Request", "RequestError", "ServingBatch", "ERROR_CODES", "SERVING_BACKENDS"]
 
-SERVING_BACKENDS = ("auto", "triton", "torch")
+SERVING_BACKENDS = ("auto", "triton", "cpp", "reference", "torch")
 
 
 # ----------------------------------------------------------------------------- building
 def resolve_backend(backend: str, device: torch.device) -> str:
+    """The assembly backend of a serving batch (``"torch"`` is an alias of ``"reference"``)."""
+    from lopa.assemble import assembly_backend
+
     if not isinstance(backend, str) or backend not in SERVING_BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, SERVING_BACKENDS))}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and _backends._load_triton()[0] is not None else "torch"
-    if backend == "triton":
-        if _backends._load_triton()[0] is None:
-            raise RuntimeError("backend='triton' was requested but Triton is not installed")
-        if not _backends.triton_available(device):
-            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
-    return backend
+    return assembly_backend("reference" if backend == "torch" else backend, device, torch.float32)
 
 
 @dataclass
 class Group:
+    """The rows of one sub-bank in a batch: its prompt kernel runs once for all of them."""
+
     sub: SubBank
     batch_rows: List[int]
-    slots: List[int]
+    task_ids: List[int]
     rows_dev: Optional[Tensor] = None
-    slots_dev: Optional[Tensor] = None
+    task_ids_dev: Optional[Tensor] = None
 
 
 def build(rows: List[Row], *, table: Tensor, embed: Optional[Callable[[Tensor], Tensor]], pad_id: int,
           position_offset: int, pad_position: Optional[int], padding_side: str, backend: str,
           pooled_fn: Callable[[List[Row]], Tensor], flat_ids: Optional[Tensor] = None) -> ServingBatch:
-    """Assemble validated rows (see the module docstring)."""
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    """Assemble validated rows: one layout plan (:func:`lopa.layout.request_blocks`), then one
+    token pass and one prompt pass per sub-bank present (see the module docstring)."""
+    from lopa._poison import new_output
+    from lopa.assemble import place_prompt, place_tokens
+    from lopa.layout import plan_from_blocks, request_blocks
+
     device = table.device
     batch = len(rows)
     plen = [r.sub.num_virtual_tokens for r in rows]
-    ntok = [r.ids.shape[0] for r in rows]  # noqa
-    real = [a + b for a, b in zip(plen, ntok)]
-    total = max(real)
-    lead = [total - t for t in real] if padding_side == "left" else [0] * batch
-    tokoff = list(itertools.accumulate(ntok, initial=0))[:-1]
+    ntok = [r.ids.shape[0] for r in rows]
+    columns, total, covered = request_blocks(ntok, plen, padding_side)
     groups: Dict[int, Group] = {}
     for b, r in enumerate(rows):
         g = groups.get(id(r.sub))
         if g is None:
             g = groups[id(r.sub)] = Group(r.sub, [], [])
         g.batch_rows.append(b)
-        g.slots.append(r.slot)
-    meta = lead + plen + ntok + tokoff
+        g.task_ids.append(r.slot)
+    meta = [v for column in columns for v in column] + [r.slot for r in rows]
     for g in groups.values():
-        meta += g.batch_rows
-        meta += g.slots
+        meta += g.batch_rows + g.task_ids
     if flat_ids is None:
         flat_ids = torch.cat([r.ids for r in rows])
-    packed = torch.cat([torch.tensor(meta, dtype=torch.int64), flat_ids]).to(device)
-    lead_d, plen_d, ntok_d, tokoff_d = packed[:4 * batch].view(4, batch)
-    at = 4 * batch
+    packed = torch.cat([torch.tensor(meta, dtype=torch.int64), flat_ids]).to(device)  # one host-to-device copy
+    blocks, slots = packed[:6 * batch].view(6, batch).t().contiguous(), packed[6 * batch:7 * batch]
+    at = 7 * batch
     for g in groups.values():
         k = len(g.batch_rows)
-        g.rows_dev, g.slots_dev = packed[at:at + k], packed[at + k:at + 2 * k]
+        g.rows_dev, g.task_ids_dev = packed[at:at + k], packed[at + k:at + 2 * k]
         at += 2 * k
     ids_d = packed[at:]
     if embed is not None:  # scaled / custom embeddings: embed the batch's tokens (and the pad) first
         table = embed(torch.cat([ids_d, ids_d.new_full((1,), pad_id)]))
-        pad_row = ids_d.numel()
+        pad_id = ids_d.numel()
         ids_d = torch.arange(ids_d.numel(), device=device)
-    else:
-        pad_row = pad_id
-    pad_pos = position_offset if pad_position is None else pad_position
-    dim = table.shape[1]
-    out = torch.empty(batch, total, dim, dtype=table.dtype, device=device)
-    if backend == "triton":
-        from lopa.serving import _triton
-
-        mask = torch.empty(batch, total, dtype=torch.int64, device=device)
-        pos = torch.empty(batch, total, dtype=torch.int64, device=device)
-        _triton.tokens_(out, mask, pos, table, ids_d, lead_d, plen_d, ntok_d, tokoff_d, pad_row, position_offset,
-                        pad_pos)
-    else:
-        mask, pos = _tokens_torch(out, table, ids_d, lead_d, plen_d, ntok_d, tokoff_d, pad_row, position_offset,
-                                  pad_pos)
+    plan = plan_from_blocks(blocks, slots, ids_d, rows=batch, length=total, covered=covered, prompt_rows=max(plen),
+                            pad_id=pad_id, position_offset=position_offset, pad_position=pad_position)
+    out = new_output((batch, total, table.shape[1]), table)
+    place_tokens(out, table, plan, backend)
     for g in groups.values():
-        _place_prompts(out, g, lead_d, backend, rows, pooled_fn)
-    return ServingBatch(out, mask, pos, [r.index for r in rows], [r.task for r in rows], plen, ntok, lead)
+        prompt, task_ids = _prompt_rows_of(g, rows, pooled_fn, backend)
+        place_prompt(out, plan, prompt, task_ids, g.rows_dev, backend)
+    return ServingBatch(out, plan.attention_mask, plan.position_ids, [r.index for r in rows], [r.task for r in rows],
+                        plen, ntok, columns[1])
 
 
-def _tokens_torch(out, table, ids, lead, plen, ntok, tokoff, pad_row, position_offset, pad_pos):
-    batch, total, dim = out.shape
-    j = torch.arange(total, device=out.device)[None, :]
-    tj = j - (lead + plen)[:, None]
-    is_tok = (tj >= 0) & (tj < ntok[:, None])
-    flat = (tokoff[:, None] + tj).clamp_(0, ids.numel() - 1)
-    src = torch.where(is_tok, ids[flat], pad_row)
-    torch.index_select(table, 0, src.view(-1), out=out.view(batch * total, dim))
-    real = (j >= lead[:, None]) & (j < (lead + plen + ntok)[:, None])
-    mask = real.to(torch.int64)
-    pos = torch.where(real, j - lead[:, None] + position_offset, pad_pos)
-    return mask, pos
+def _prompt_rows_of(g: Group, rows: List[Row], pooled_fn, backend: str):
+    """A sub-bank's prompt in the kernels' form, and the task (slot) of each of its rows.
 
+    ULPT and PT rows are computed / copied by the kernels from the bank itself; LoPA's gate
+    from each row's ``u``, ``v`` (its task's heads, run row by row), where the fused kernels
+    compute it (they treat rows independently); otherwise (other combines, the reference
+    path, large ranks on the CPU) LoPA rows are materialised row by row and copied, so every
+    row stays bitwise the request alone.
+    """
+    from lopa.assemble import CPU_FUSED_MAX_RANK, KIND_COPY, KIND_GATE, KIND_ULPT, PromptRows
+    from lopa.modules import stacked_lopa_factors
 
-def _place_prompts(out: Tensor, g: Group, lead: Tensor, backend: str, rows: List[Row], pooled_fn) -> None:
     sub = g.sub
     if sub.method == "ulpt":
-        if backend == "triton":
-            from lopa.serving import _triton
-
-            _triton.ulpt_rows_(out, g.rows_dev, g.slots_dev, lead, sub.live("z"), sub.proj, sub.live("scale"),
-                               sub.live("shift"))
-            return
-        import lopa
-
-        values = lopa.ulpt_prompt(sub.live("z"), sub.proj, sub.live("scale"), sub.live("shift"), g.slots_dev)
-        _put(out, g.rows_dev, lead, values)
-        return
+        return PromptRows(KIND_ULPT, (sub.live("z"), sub.proj, sub.live("scale"), sub.live("shift"))), g.task_ids_dev
     if sub.method == "pt":
-        if backend == "triton":
-            from lopa.serving import _triton
-
-            _triton.copy_rows_(out, g.rows_dev, g.slots_dev, lead, sub.live("weight"))
-            return
-        _put(out, g.rows_dev, lead, sub.live("weight").index_select(0, g.slots_dev))
-        return
+        return PromptRows(KIND_COPY, (sub.live("weight"),)), g.task_ids_dev
     pooled = pooled_fn([rows[b] for b in g.batch_rows])
-    values = lopa_prompts(sub, g.slots, g.slots_dev, pooled)
-    if backend == "triton":
-        from lopa.serving import _triton
-
-        _triton.copy_rows_(out, g.rows_dev, torch.arange(values.shape[0], device=out.device), lead, values)
-        return
-    _put(out, g.rows_dev, lead, values)
-
-
-def _put(out: Tensor, rows: Tensor, lead: Tensor, values: Tensor) -> None:
-    m = values.shape[1]
-    cols = lead.index_select(0, rows)[:, None] + torch.arange(m, device=out.device)[None, :]
-    out.index_put_((rows[:, None], cols), values.to(out.dtype))
-
-
-# ----------------------------------------------------------------------------- LoPA
-def lopa_prompts(sub: SubBank, task_ids: List[int], task_ids_dev: Tensor, pooled: Tensor) -> Tensor:
-    """``(B_k, m', d)`` LoPA prompts of the rows of one sub-bank (``m' = 2m`` for ``concat``),
-    each row bitwise the request alone (:func:`lopa.modules.stacked_lopa_prompts`)."""
     cfg = sub.config
+    fused = backend == "triton" or (backend == "cpp" and cfg["rank"] <= CPU_FUSED_MAX_RANK)
+    if cfg["combine"] != "gate" or not fused:
+        values = lopa_prompts(sub, g.task_ids, g.task_ids_dev, pooled)
+        return PromptRows(KIND_COPY, (values,)), torch.arange(values.shape[0], device=values.device)
     params = {name: sub.live(name) for name in sub.fields}
-    return stacked_lopa_prompts(params, task_ids, pooled, combine=cfg["combine"], num_tokens=cfg["num_tokens"],
-                                rank=cfg["rank"], dim=cfg["dim"], task_ids_tensor=task_ids_dev)
+    u, v = stacked_lopa_factors(params, g.task_ids, pooled, num_tokens=cfg["num_tokens"], rank=cfg["rank"],
+                                dim=cfg["dim"])
+    zs, task_ids = params["zs"], g.task_ids_dev
+    if zs.dtype != u.dtype:  # a half-precision bank: the rows used, in the factors' float32
+        zs, task_ids = zs.index_select(0, task_ids).to(u.dtype), torch.arange(len(g.task_ids), device=u.device)
+    return PromptRows(KIND_GATE, (zs, u, v)), task_ids

@@ -1,0 +1,301 @@
+"""The layout plan: where every row of a prompted model's ``inputs_embeds`` comes from.
+
+Training, packed training and serving all build the model's input the same way: output
+rows ``R`` of ``T`` positions, cut into *blocks*.  A block is one sequence: some of its tokens,
+then (optionally) its prompt rows, then the rest of its tokens::
+
+    block b, placed in output row ``row`` from position ``start``:
+        q = 0 .. split-1                    token  ids[offset + q]
+        q = split .. split+P-1              prompt row q - split of task ``task_ids[b]``
+        q = split+P .. tokens+P-1           token  ids[offset + q - P]
+
+Positions covered by no block are pads (the pad token's embedding, attention mask 0).
+One plan covers
+
+* padded training batches (:func:`plan_padded`): one block per row spanning the whole row;
+  ``split`` is the number of left pads, so the prompt sits right before the first real token
+  (the pads themselves are the input's own pad ids, as the tokenizer wrote them);
+* packed batches (:func:`plan_packed`): many sequences in one row, one block each, every
+  block with its own prompt rows, or none when the prompt is a shared prefix kept in the
+  model's cache;
+* mixed-task serving batches (:func:`plan_requests`): one block per request after its left
+  pads, prompt lengths per task.
+
+The plan is a handful of plain integer tensors (:class:`LayoutPlan`); the kernels of
+:mod:`lopa.assemble` execute it (Triton on CUDA, C++ on the CPU, PyTorch as the reference),
+and the attention mask and position ids come from it too.  ``docs/math.md`` ("Input
+layout") draws the same pictures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LayoutPlan",
+    "BLOCK_FIELDS",
+    "plan_padded",
+    "plan_packed",
+    "plan_requests",
+    "plan_prompts_only",
+    "plan_from_blocks",
+    "request_blocks",
+    "first_token_index",
+    "position_ids_from_mask",
+]
+
+# Columns of LayoutPlan.blocks.
+BLOCK_FIELDS = ("row", "start", "tokens", "split", "prompt_rows", "offset")
+ROW, START, TOKENS, SPLIT, PROMPT, OFFSET = range(len(BLOCK_FIELDS))
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """Integer tensors (one device) that say where each element of a ``(R, T, d)`` input comes from.
+
+    Attributes:
+        blocks: ``(S, 6)`` int64, one row per block: output row, start position, number of
+            token positions, tokens before the prompt (``split``), prompt rows, and offset of
+            its first token in ``token_ids``.
+        task_ids: ``(S,)`` int64, the prompt (task, slot of a bank) of each block.
+        position_block: ``(R, T)`` int64, the block covering each output position, -1 for a pad.
+        token_ids: ``(N,)`` int64, rows of the token table the blocks read.
+        pad_id: table row read at pad positions.
+        prompt_rows: rows of one prompt (``m``); blocks hold ``m`` or 0 of them.
+        attention_mask: ``(R, T)`` int64.
+        position_ids: ``(R, T)`` int64.
+        token_positions: output position (within its row) of every input token, in the
+            input's own shape: ``(B, L)`` for a padded batch, ``(1, N)`` packed.
+        tokens_follow_prompt: every row's tokens sit at ``[T - L, T)`` (no left padding), so
+            outputs can be read back as a slice; ``None`` when unknown (under compile).
+    """
+
+    blocks: Tensor
+    task_ids: Tensor
+    position_block: Tensor
+    token_ids: Tensor
+    pad_id: int
+    prompt_rows: int
+    attention_mask: Tensor
+    position_ids: Tensor
+    token_positions: Tensor
+    tokens_follow_prompt: Optional[bool] = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.position_block.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.position_block.shape[1]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    def prompt_slots(self) -> tuple:
+        """``(rows (S, 1), columns (S, m))``: output coordinates of every block's prompt rows.
+
+        Blocks without prompt rows point at their first position (callers mask them out).
+        """
+        m = self.prompt_rows
+        first = self.blocks[:, START] + self.blocks[:, SPLIT]
+        cols = first[:, None] + torch.arange(m, device=self.device)[None, :]
+        has = (self.blocks[:, PROMPT] > 0)[:, None]
+        cols = torch.where(has, cols, self.blocks[:, START:START + 1])
+        return self.blocks[:, ROW:ROW + 1], cols
+
+    def with_tasks(self, task_ids: Tensor) -> "LayoutPlan":
+        return replace(self, task_ids=task_ids)
+
+
+# ----------------------------------------------------------------------------- helpers
+def first_token_index(attention_mask: Optional[Tensor], batch: int, length: int, device) -> Tensor:
+    """(B,) int64 index of each row's first real token (0 for a row with none, or no mask)."""
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.int64, device=device)
+    real = attention_mask != 0
+    first = real.to(torch.int8).argmax(1)  # argmax returns the first maximal index
+    return torch.where(real.any(1), first, torch.zeros_like(first))
+
+
+def position_ids_from_mask(attention_mask: Tensor, offset: int = 0, pad_value: Optional[int] = None) -> Tensor:
+    """Positions counted over real tokens only: ``cumsum(mask) - 1 + offset``.
+
+    Pad positions get ``pad_value`` (default ``offset``, i.e. Hugging Face's convention of 0
+    for causal LMs; RoBERTa-style models pass ``offset = padding_idx + 1`` and
+    ``pad_value = padding_idx``).
+    """
+    mask = attention_mask != 0
+    pos = mask.to(torch.int64).cumsum(-1) - 1 + offset
+    return pos.masked_fill(~mask, offset if pad_value is None else pad_value)
+
+
+def _blocks(*columns: Tensor) -> Tensor:
+    return torch.stack([c.to(torch.int64) for c in columns], dim=1)
+
+
+# ----------------------------------------------------------------------------- padded batches
+def plan_padded(token_ids: Tensor, attention_mask: Optional[Tensor], prompt_rows: int, *,
+                task_ids: Optional[Tensor] = None, position_offset: int = 0,
+                pad_position: Optional[int] = None, check_padding: bool = True) -> LayoutPlan:
+    """The plan of a padded ``(B, L)`` batch: each row's prompt right before its first real token.
+
+    ``token_ids`` ``(B, L)`` are rows of the token table (the input ids, or
+    ``arange(B*L)`` for precomputed embeddings); ``attention_mask`` marks left and/or right
+    padding (``None``: none).  Output position ``j`` of row ``b`` reads input ``j`` before the
+    prompt and ``j - m`` after it; the mask gets ones at the prompt rows and the position
+    ids are counted over real positions.
+    """
+    batch, length = token_ids.shape
+    device = token_ids.device
+    m = int(prompt_rows)
+    starts = first_token_index(attention_mask, batch, length, device)
+    rows = torch.arange(batch, device=device)
+    blocks = _blocks(rows, torch.zeros_like(rows), torch.full_like(rows, length), starts,
+                     torch.full_like(rows, m), rows * length)
+    if task_ids is None:
+        task_ids = torch.zeros(batch, dtype=torch.int64, device=device)
+    j = torch.arange(length, device=device)
+    token_positions = j[None, :] + m * (j[None, :] >= starts[:, None]).to(torch.int64)
+    base_mask = (torch.ones(batch, length, dtype=torch.int64, device=device) if attention_mask is None
+                 else attention_mask.to(torch.int64))
+    mask = torch.ones(batch, length + m, dtype=torch.int64, device=device)
+    mask.scatter_(1, token_positions, base_mask)
+    position_ids = position_ids_from_mask(mask, position_offset, pad_position)
+    follow = None
+    if check_padding and not torch.compiler.is_compiling() and batch:
+        follow = bool(starts.max() == 0)
+    return LayoutPlan(blocks, task_ids, rows[:, None].expand(batch, length + m).contiguous(),
+                      token_ids.reshape(-1).to(torch.int64), 0, m, mask, position_ids, token_positions, follow)
+
+
+# ----------------------------------------------------------------------------- blocks in rows
+def plan_from_blocks(blocks: Tensor, task_ids: Tensor, token_ids: Tensor, *, rows: int, length: int, covered: int,
+                     prompt_rows: int, pad_id: int = 0, position_offset: int = 0,
+                     pad_position: Optional[int] = None) -> LayoutPlan:
+    """The plan of blocks laid out in ``rows`` rows of ``length`` positions (packed or serving).
+
+    Every position a block covers is real (mask 1) and its position id counts from
+    ``position_offset`` at the block's start; the others are pads.  ``covered`` is the number
+    of positions the blocks cover (the sum of their sizes), known to the caller, so nothing
+    here waits for the device.  ``token_positions`` maps every token of ``token_ids`` that a
+    block reads to its output position (``(1, N)``; the blocks read disjoint ranges covering
+    all of ``token_ids``).
+    """
+    device = blocks.device
+    count = blocks.shape[0]
+    sizes = blocks[:, TOKENS] + blocks[:, PROMPT]
+    ids = torch.arange(count, device=device)
+    owner = torch.repeat_interleave(ids, sizes, output_size=covered)
+    first = torch.cumsum(sizes, 0) - sizes
+    q = torch.arange(covered, device=device) - first[owner]
+    cols = blocks[owner, START] + q
+    position_block = torch.full((rows, length), -1, dtype=torch.int64, device=device)
+    position_block[blocks[owner, ROW], cols] = owner
+    inside = position_block >= 0
+    mask = inside.to(torch.int64)
+    starts = blocks[position_block.clamp(min=0), START]
+    j = torch.arange(length, device=device)
+    pad_value = position_offset if pad_position is None else pad_position
+    position_ids = torch.where(inside, j - starts + position_offset, torch.full_like(mask, pad_value))
+    token_positions = _token_positions(blocks, token_ids.numel())
+    return LayoutPlan(blocks, task_ids.to(torch.int64), position_block, token_ids.reshape(-1).to(torch.int64),
+                      int(pad_id), int(prompt_rows), mask, position_ids, token_positions, None)
+
+
+def _token_positions(blocks: Tensor, n: int) -> Tensor:
+    """``(1, N)``: the output position (within its row) of token id ``k``, for blocks that
+    read disjoint ranges covering all ``n`` token ids."""
+    device = blocks.device
+    if blocks.shape[0] == 0 or n == 0:
+        return torch.zeros(1, n, dtype=torch.int64, device=device)
+    tokens = blocks[:, TOKENS]
+    owner = torch.repeat_interleave(torch.arange(blocks.shape[0], device=device), tokens, output_size=n)
+    k = torch.arange(n, device=device) - (torch.cumsum(tokens, 0) - tokens)[owner]
+    b = blocks[owner]
+    pos = b[:, START] + torch.where(k < b[:, SPLIT], k, k + b[:, PROMPT])
+    return torch.zeros(1, n, dtype=torch.int64, device=device).index_put_((torch.zeros_like(k), b[:, OFFSET] + k), pos)
+
+
+# ----------------------------------------------------------------------------- packed batches
+def plan_packed(token_ids: Tensor, sequence_starts: Tensor, sequence_lengths: Tensor, prompt_rows: int, *,
+                inline_prompt: bool = True, task_ids: Optional[Tensor] = None, position_offset: int = 0) -> LayoutPlan:
+    """The plan of a padding-free packed row: ``S`` sequences one after another in row 0.
+
+    ``token_ids`` ``(1, N)``; ``sequence_starts`` / ``sequence_lengths`` ``(S,)``: where each
+    sequence begins in the input and how many tokens it has (they tile ``[0, N)`` in order).
+    With ``inline_prompt`` every sequence gets its own ``m`` prompt rows before its tokens
+    (LoPA's per-instance prompt: ``T = N + S*m``); otherwise the prompt is a shared prefix the
+    model holds in its cache, the row holds the tokens only (``T = N``) and every sequence's
+    positions start at ``m`` (plus ``position_offset``).
+    """
+    device = token_ids.device
+    m = int(prompt_rows)
+    starts = sequence_starts.to(device=device, dtype=torch.int64)
+    lengths = sequence_lengths.to(device=device, dtype=torch.int64)
+    count = starts.shape[0]
+    seq = torch.arange(count, device=device)
+    per_block = m if inline_prompt else 0
+    blocks = _blocks(torch.zeros_like(seq), starts + seq * per_block, lengths, torch.zeros_like(seq),
+                     torch.full_like(seq, per_block), starts)
+    n = token_ids.shape[-1]
+    total = n + count * per_block
+    if task_ids is None:
+        task_ids = torch.zeros(count, dtype=torch.int64, device=device)
+    return plan_from_blocks(blocks, task_ids, token_ids, rows=1, length=total, covered=total, prompt_rows=per_block,
+                            position_offset=position_offset + (0 if inline_prompt else m))
+
+
+def plan_prompts_only(task_ids: Tensor, prompt_rows: int, *, position_offset: int = 0) -> LayoutPlan:
+    """``len(task_ids)`` rows that hold only a prompt each: a shared prefix, computed once per task."""
+    device = task_ids.device
+    m = int(prompt_rows)
+    count = task_ids.shape[0]
+    rows = torch.arange(count, device=device)
+    zeros = torch.zeros_like(rows)
+    blocks = _blocks(rows, zeros, zeros, zeros, torch.full_like(rows, m), zeros)
+    return plan_from_blocks(blocks, task_ids, torch.zeros(0, dtype=torch.int64, device=device), rows=count,
+                            length=m, covered=count * m, prompt_rows=m, position_offset=position_offset)
+
+
+# ----------------------------------------------------------------------------- serving
+def request_blocks(lengths: Sequence[int], prompt_lengths: Sequence[int], padding_side: str = "left"):
+    """Host-side blocks of a serving batch: request ``b`` in row ``b`` as ``[pads | prompt |
+    tokens]`` (left padding) or ``[prompt | tokens | pads]``, its tokens consecutive in the flat
+    id list.  Returns ``(blocks as a list of 6 columns, length T, covered positions)``."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    count = len(lengths)
+    real = [int(n) + int(p) for n, p in zip(lengths, prompt_lengths)]
+    total = max(real, default=0)
+    lead = [total - r for r in real] if padding_side == "left" else [0] * count
+    offsets, at = [], 0
+    for n in lengths:
+        offsets.append(at)
+        at += int(n)
+    columns = [list(range(count)), lead, [int(n) for n in lengths], [0] * count, [int(p) for p in prompt_lengths],
+               offsets]
+    return columns, total, sum(real)
+
+
+def plan_requests(lengths: Sequence[int], prompt_lengths: Sequence[int], token_ids: Tensor, *,
+                  task_ids: Optional[Sequence[int]] = None, pad_id: int = 0, padding_side: str = "left",
+                  position_offset: int = 0, pad_position: Optional[int] = None, device=None) -> LayoutPlan:
+    """The plan of a serving batch (see :func:`request_blocks`); positions count from 0 at the
+    prompt.  Built on the host from Python lists, then moved to ``device`` with one copy."""
+    columns, total, covered = request_blocks(lengths, prompt_lengths, padding_side)
+    count = len(lengths)
+    tasks = [0] * count if task_ids is None else [int(t) for t in task_ids]
+    device = token_ids.device if device is None else torch.device(device)
+    packed = torch.tensor(columns + [tasks], dtype=torch.int64).to(device)
+    return plan_from_blocks(packed[:6].t().contiguous(), packed[6], token_ids.to(device), rows=count, length=total,
+                            covered=covered, prompt_rows=max(prompt_lengths, default=0), pad_id=pad_id,
+                            position_offset=position_offset, pad_position=pad_position)
