@@ -155,10 +155,6 @@ class PromptConfig:
 TOKEN_LEVEL_TASKS = ("causal_lm", "masked_lm", "token_cls")
 
 
-def _first_given(*values):
-    return next((v for v in values if v is not None), None)
-
-
 def _without_none(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -711,24 +707,18 @@ class PromptTunedModel(nn.Module):
     def _lengths_without_prompt(self, kwargs: dict, length: int) -> dict:
         """``max_length`` / ``min_length`` as PEFT counts them (input + new tokens), turned into
         ``max_new_tokens`` / ``min_new_tokens``: generating from ``inputs_embeds``, transformers
-        would count the prompt rows too."""
-        kwargs = dict(kwargs)
-        config = copy.deepcopy(kwargs.get("generation_config") or self.base_model.generation_config)
-        max_new = _first_given(kwargs.pop("max_new_tokens", None), config.max_new_tokens)
-        min_new = _first_given(kwargs.pop("min_new_tokens", None), config.min_new_tokens)
-        max_length = _first_given(kwargs.pop("max_length", None), config.max_length)
-        min_length = _first_given(kwargs.pop("min_length", None), config.min_length)
-        if max_new is None and max_length is not None:
-            if max_length <= length:
-                raise ValueError(f"max_length={max_length} leaves no room for new tokens after the {length} input "
-                                 "tokens (it counts the input and the new tokens); raise it or pass max_new_tokens")
-            max_new = max_length - length
-        if min_new is None and min_length:
-            min_new = max(min_length - length, 0)
-        config.max_new_tokens, config.min_new_tokens = max_new, min_new
+        would count the prompt rows too.  The generation settings go into one copied config."""
+        config = copy.deepcopy(kwargs.pop("generation_config", None) or self.base_model.generation_config)
+        model_kwargs = config.update(**kwargs)
+        if config.max_new_tokens is None and config.max_length is not None:
+            if config.max_length <= length:
+                raise ValueError(f"max_length={config.max_length} leaves no room for new tokens after the {length} "
+                                 "input tokens (it counts the input and the new tokens); raise it or pass max_new_tokens")
+            config.max_new_tokens = config.max_length - length
+        if config.min_new_tokens is None and config.min_length:
+            config.min_new_tokens = max(config.min_length - length, 0)
         config.max_length, config.min_length = None, 0
-        kwargs["generation_config"] = config
-        return kwargs
+        return dict(model_kwargs, generation_config=config)
 
     # ------------------------------------------------------------------ save / load
     def _base_info(self, directory=None) -> dict:
@@ -841,8 +831,10 @@ class PromptTunedModel(nn.Module):
                 f"{saved.base_model.get('name_or_path')!r}) but {type(base_model).__name__}'s embeddings have width {width}"
             )
         _check_same_base(saved, base_model, ignore_base_mismatch)
-        if saved.method == "lopa":
-            encoder = encoder if encoder is not None else saved_encoder(saved.encoder, base_model, saved.directory)
+        if saved.method == "lopa" and encoder is None:
+            encoder = saved_encoder(saved.encoder, base_model, saved.directory)
+        elif saved.method == "lopa":  # a model or a folder: pooled as it was trained
+            encoder = resolve_encoder(encoder, base_model, pooling=(saved.encoder or {}).get("pooling"))
         elif encoder is not None:
             raise ValueError(f"{directory} holds a {saved.method!r} prompt, which takes no encoder")
         _check_heads(saved, base_model, load_heads)
