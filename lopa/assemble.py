@@ -56,16 +56,12 @@ __all__ = [
     "position_ids_from_mask",
     "take_positions",
     "ASSEMBLY_BACKENDS",
-    "CPU_FUSED_MAX_RANK",
+    "fuses_in_place",
 ]
 
 ASSEMBLY_BACKENDS = ("auto", "triton", "cpp", "reference")
 KIND_COPY, KIND_ULPT, KIND_GATE = 1, 2, 3
-# The C++ kernels build a rank-r product with register-blocked loops, which beat BLAS at the
-# ranks LoPA uses but lose from about r = 16 on (gate forward+backward 0.76x the BLAS-backed
-# reference at r = 16, 0.36x at r = 64 on this project's 2-core CPU): above this rank the CPU
-# assembly computes the prompt with BLAS and then copies it into place.
-CPU_FUSED_MAX_RANK = 8
+_OP_OF_KIND = {KIND_ULPT: "ulpt", KIND_GATE: "gated_prompt"}
 
 
 # ----------------------------------------------------------------------------- prompt sources
@@ -327,16 +323,28 @@ def assembly_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
     return backend
 
 
-def _prompt_backend(name: str, rows: PromptRows) -> str:
-    """The gate / ULPT op backend matching an assembly backend (for the prompt's backward)."""
-    if not _fused_rows(name, rows):
+def fuses_in_place(name: str, kind: int, rank: int, training: bool, requested: str = "auto") -> bool:
+    """Whether backend ``name`` computes a prompt of this kind and rank inside the assembly.
+
+    The C++ kernels build the rank-r product with register-blocked loops, which beat BLAS at
+    the ranks LoPA and ULPT use but not above ``lopa._backends.CPP_MAX_RANK`` (measured
+    crossover): there ``auto`` computes the prompt with BLAS and the assembly copies it into
+    place.  A backend asked for by name always runs its own kernels.
+    """
+    if kind == KIND_COPY or name != "cpp" or requested == "cpp":
+        return True
+    return rank <= _backends.cpp_max_rank(_OP_OF_KIND[kind], training)
+
+
+def _prompt_backend(a: "_Inputs", rows: PromptRows) -> str:
+    """The gate / ULPT op backend of the prompt's backward (the forward's choice)."""
+    if not _fused_rows(a, rows):
         return "reference"
-    return {"cpp": "cpp", "triton": "triton"}.get(name, "reference")
+    return {"cpp": "cpp", "triton": "triton"}.get(a.name, "reference")
 
 
-def _fused_rows(name: str, rows: PromptRows) -> bool:
-    """Whether the kernels compute this prompt in place, or it is materialised (BLAS) and copied."""
-    return rows.kind == KIND_COPY or name != "cpp" or rows.rank <= CPU_FUSED_MAX_RANK
+def _fused_rows(a: "_Inputs", rows: PromptRows) -> bool:
+    return fuses_in_place(a.name, rows.kind, rows.rank, a.training, a.requested)
 
 
 def _materialized(rows: PromptRows, task_ids: Tensor) -> PromptRows:
@@ -346,14 +354,15 @@ def _materialized(rows: PromptRows, task_ids: Tensor) -> PromptRows:
 
 # ----------------------------------------------------------------------------- execution
 def place_prompt(out: Tensor, plan: LayoutPlan, rows: PromptRows, task_ids: Tensor, block_index: Tensor,
-                 name: str) -> None:
-    """Write the prompt rows of blocks ``block_index`` (instance ``k`` uses task ``task_ids[k]``)."""
-    _place_prompt(out, plan.blocks, block_index, task_ids, rows, name)
+                 name: str, *, fused: bool = True) -> None:
+    """Write the prompt rows of blocks ``block_index`` (instance ``k`` uses task ``task_ids[k]``);
+    ``fused=False`` computes them with BLAS first (see :func:`fuses_in_place`)."""
+    _place_prompt(out, plan.blocks, block_index, task_ids, rows, name, fused)
 
 
 def _place_prompt(out: Tensor, blocks: Tensor, block_index: Tensor, task_ids: Tensor, rows: PromptRows,
-                  name: str) -> None:
-    if not _fused_rows(name, rows):
+                  name: str, fused: bool) -> None:
+    if not fused:
         rows = _materialized(rows, task_ids)
         task_ids = torch.arange(task_ids.numel(), device=task_ids.device)
     _executor(name).place_prompt(out, blocks, block_index, task_ids, rows.kind, list(rows.tensors))
@@ -376,6 +385,8 @@ class _Inputs(NamedTuple):
     kind: int
     source: Sequence[Tensor]
     name: str
+    requested: str = "auto"  # the backend the caller asked for
+    training: bool = True  # the prompt will be differentiated
 
 
 def _run(a: _Inputs) -> Tensor:
@@ -387,7 +398,8 @@ def _run(a: _Inputs) -> Tensor:
     run.place_tokens(out, a.table, a.blocks, a.position_block, a.token_ids, a.pad_id)
     if a.kind and a.blocks.shape[0]:
         block_index = torch.arange(a.blocks.shape[0], device=out.device)
-        _place_prompt(out, a.blocks, block_index, a.task_ids, PromptRows(a.kind, tuple(a.source)), a.name)
+        rows = PromptRows(a.kind, tuple(a.source))
+        _place_prompt(out, a.blocks, block_index, a.task_ids, rows, a.name, _fused_rows(a, rows))
     return out
 
 
@@ -397,7 +409,7 @@ def _backward(grad: Tensor, a: _Inputs, need_table: bool, need_source: Sequence[
     if a.kind and any(need_source):
         rows = PromptRows(a.kind, tuple(a.source))
         slot_grad = _prompt_slot_gradient(grad, a.blocks, rows.rows)
-        grad_source = _source_backward(a.name, rows, slot_grad, a.task_ids, need_source)
+        grad_source = _source_backward(_prompt_backend(a, rows), rows, slot_grad, a.task_ids, need_source)
     grad_table = _table_gradient(grad, a) if need_table else None
     return grad_table, grad_source
 
@@ -429,15 +441,16 @@ def _table_gradient(grad: Tensor, a: _Inputs) -> Tensor:
     return out
 
 
-def _source_backward(name: str, rows: PromptRows, grad_rows: Tensor, task_ids: Tensor, needs) -> List[Optional[Tensor]]:
-    """Gradients of the prompt's tensors given the gradient of its rows (one per instance)."""
+def _source_backward(backend: str, rows: PromptRows, grad_rows: Tensor, task_ids: Tensor,
+                     needs) -> List[Optional[Tensor]]:
+    """Gradients of the prompt's tensors given the gradient of its rows (one per instance),
+    by the gate's / ULPT's own backward on ``backend``."""
     from lopa import reference
 
     if rows.kind == KIND_COPY:
         bank = rows.tensors[0]
         acc = torch.promote_types(bank.dtype, torch.float32)
         return [sum_per_task(grad_rows.to(acc), task_ids, bank.shape[0]).to(bank.dtype) if needs[0] else None]
-    backend = _prompt_backend(name, rows)
     if rows.kind == KIND_ULPT:
         z, proj, scale, shift = rows.tensors
         grad_rows = grad_rows.to(z.dtype).contiguous()
@@ -487,26 +500,29 @@ class _Assemble(torch.autograd.Function):
 
 @torch.library.custom_op("lopa::assemble", mutates_args=())
 def _assemble_op(table: Tensor, blocks: Tensor, task_ids: Tensor, position_block: Tensor, token_ids: Tensor,
-                 pad_id: int, kind: int, source: List[Tensor], backend: str) -> Tensor:
-    return _run(_Inputs(table, blocks, task_ids, position_block, token_ids, pad_id, kind, source, backend))
+                 pad_id: int, kind: int, source: List[Tensor], backend: str, requested: str, training: bool) -> Tensor:
+    return _run(_Inputs(table, blocks, task_ids, position_block, token_ids, pad_id, kind, source, backend, requested,
+                        training))
 
 
 @_assemble_op.register_fake
-def _assemble_fake(table, blocks, task_ids, position_block, token_ids, pad_id, kind, source, backend):
+def _assemble_fake(table, blocks, task_ids, position_block, token_ids, pad_id, kind, source, backend, requested,
+                   training):
     return table.new_empty((position_block.shape[0], position_block.shape[1], table.shape[1]))
 
 
 def _op_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:5], *inputs[7])
-    ctx.static = (inputs[5], inputs[6], inputs[8], [t.requires_grad for t in inputs[7]])
+    ctx.static = (inputs[5], inputs[6], inputs[8], inputs[9], inputs[10], [t.requires_grad for t in inputs[7]])
 
 
 def _op_backward(ctx, grad):
     table, blocks, task_ids, position_block, token_ids, *source = ctx.saved_tensors
-    pad_id, kind, name, need_source = ctx.static
-    a = _Inputs(table, blocks, task_ids, position_block, token_ids, pad_id, kind, tuple(source), name)
+    pad_id, kind, name, requested, training, need_source = ctx.static
+    a = _Inputs(table, blocks, task_ids, position_block, token_ids, pad_id, kind, tuple(source), name, requested,
+                training)
     grad_table, grad_source = _backward(grad, a, ctx.needs_input_grad[0], need_source)
-    return grad_table, None, None, None, None, None, None, list(grad_source), None
+    return grad_table, None, None, None, None, None, None, list(grad_source), None, None, None
 
 
 _assemble_op.register_autograd(_op_backward, setup_context=_op_setup)
@@ -516,7 +532,7 @@ def _apply(a: _Inputs) -> Tensor:
     """Run the assembly: the registered op under ``torch.compile``, the eager fast path otherwise."""
     if torch.compiler.is_compiling():
         return torch.ops.lopa.assemble(a.table, a.blocks, a.task_ids, a.position_block, a.token_ids, a.pad_id,
-                                       a.kind, list(a.source), a.name)
+                                       a.kind, list(a.source), a.name, a.requested, a.training)
     return _Assemble.apply(a._replace(table=None, source=None), a.table, *a.source)
 
 
@@ -551,8 +567,9 @@ def assemble(table: Tensor, plan: LayoutPlan, prompt: Optional[PromptSource] = N
         raise ValueError(f"the prompt has {rows.rows} rows but the plan places {plan.prompt_rows}")
     if task_ids is None:
         task_ids = plan.task_ids
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in rows.tensors)
     return _apply(_Inputs(table, plan.blocks, task_ids, plan.position_block, plan.token_ids, plan.pad_id,
-                          rows.kind, rows.tensors, name))
+                          rows.kind, rows.tensors, name, backend, training))
 
 
 # ----------------------------------------------------------------------------- classic API

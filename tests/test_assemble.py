@@ -323,11 +323,16 @@ def test_backward_is_bitwise_reproducible(asm_backend):
 @pytest.mark.parametrize("kind", ["ulpt", "gate"])
 def test_large_ranks_take_the_blas_path_on_the_cpu_and_agree(kind):
     g = torch.Generator().manual_seed(6)
-    rank = A.CPU_FUSED_MAX_RANK * 4
+    from lopa import _backends
+
+    op_kind = A.KIND_ULPT if kind == "ulpt" else A.KIND_GATE
+    limit = _backends.cpp_max_rank("ulpt" if kind == "ulpt" else "gated_prompt", True)
+    rank = limit + 7
+    assert not A.fuses_in_place("cpp", op_kind, rank, training=True)
+    assert A.fuses_in_place("cpp", op_kind, limit, training=True)
+    assert A.fuses_in_place("cpp", op_kind, rank, training=True, requested="cpp")  # asked for by name
+    assert A.fuses_in_place("triton", op_kind, rank, training=True)
     source, task_ids, rows_of, tensors = _source(kind, 3, 4, 40, g, rank=rank)
-    rows, _ = A.prompt_rows(source, 40, torch.device("cpu"), task_ids, 3)
-    assert not A._fused_rows("cpp", rows) and A._fused_rows("cpp", rows._replace(
-        tensors=tuple(t[..., :1] if t.dim() == 3 and t.shape[-1] == rank else t for t in rows.tensors)))
     ids, mask = tm.batch(3, 5)
     table = torch.randn(tm.VOCAB, 40, generator=g)
     results = {}
@@ -374,7 +379,7 @@ def test_assembly_op_passes_opcheck(asm_backend):
     scale, shift = torch.randn(1, 6, generator=g, requires_grad=True), torch.randn(1, 6, generator=g)
     name = A.assembly_backend(asm_backend, device, torch.float32)
     args = (table, plan.blocks, plan.task_ids, plan.position_block, plan.token_ids, 0, A.KIND_ULPT,
-            [t.to(device) for t in (z, proj, scale, shift)], name)
+            [t.to(device) for t in (z, proj, scale, shift)], name, asm_backend, True)
     torch.library.opcheck(torch.ops.lopa.assemble.default, args)
 
 

@@ -81,7 +81,7 @@ def build(rows: List[Row], *, table: Tensor, embed: Optional[Callable[[Tensor], 
     """Assemble validated rows: one layout plan (:func:`lopa.layout.request_blocks`), then one
     token pass and one prompt pass per sub-bank present (see the module docstring)."""
     from lopa._poison import new_output
-    from lopa.assemble import place_prompt, place_tokens
+    from lopa.assemble import fuses_in_place, place_prompt, place_tokens
     from lopa.layout import plan_from_blocks, request_blocks
 
     device = table.device
@@ -119,7 +119,8 @@ def build(rows: List[Row], *, table: Tensor, embed: Optional[Callable[[Tensor], 
     place_tokens(out, table, plan, backend)
     for g in groups.values():
         prompt, task_ids = _prompt_rows_of(g, rows, pooled_fn, backend)
-        place_prompt(out, plan, prompt, task_ids, g.rows_dev, backend)
+        fused = fuses_in_place(backend, prompt.kind, prompt.rank, training=False)
+        place_prompt(out, plan, prompt, task_ids, g.rows_dev, backend, fused=fused)
     return ServingBatch(out, plan.attention_mask, plan.position_ids, [r.index for r in rows], [r.task for r in rows],
                         plen, ntok, columns[1])
 
@@ -133,7 +134,7 @@ def _prompt_rows_of(g: Group, rows: List[Row], pooled_fn, backend: str):
     path, large ranks on the CPU) LoPA rows are materialised row by row and copied, so every
     row stays bitwise the request alone.
     """
-    from lopa.assemble import CPU_FUSED_MAX_RANK, KIND_COPY, KIND_GATE, KIND_ULPT, PromptRows
+    from lopa.assemble import KIND_COPY, KIND_GATE, KIND_ULPT, PromptRows, fuses_in_place
     from lopa.modules import stacked_lopa_factors
 
     sub = g.sub
@@ -143,7 +144,7 @@ def _prompt_rows_of(g: Group, rows: List[Row], pooled_fn, backend: str):
         return PromptRows(KIND_COPY, (sub.live("weight"),)), g.task_ids_dev
     pooled = pooled_fn([rows[b] for b in g.batch_rows])
     cfg = sub.config
-    fused = backend == "triton" or (backend == "cpp" and cfg["rank"] <= CPU_FUSED_MAX_RANK)
+    fused = backend != "reference" and fuses_in_place(backend, KIND_GATE, cfg["rank"], training=False)
     if cfg["combine"] != "gate" or not fused:
         values = lopa_prompts(sub, g.task_ids, g.task_ids_dev, pooled)
         return PromptRows(KIND_COPY, (values,)), torch.arange(values.shape[0], device=values.device)
