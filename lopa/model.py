@@ -613,6 +613,9 @@ class PromptTunedModel(nn.Module):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                                    inputs_embeds=inputs_embeds, token_type_ids=token_type_ids,
                                    position_ids=position_ids, return_dict=return_dict, **_without_none(kwargs))
+        if kwargs.get("shift_labels") is not None:
+            raise ValueError("shift_labels: pass labels (B, L) for the input tokens; the prompt positions shift them, "
+                             "so PromptTunedModel builds the shifted labels itself")
         if position_ids is not None and not self._warned_position_ids:
             warnings.warn("PromptTunedModel computes position_ids itself (over real tokens); the ones passed are ignored",
                           stacklevel=2)

@@ -36,6 +36,8 @@ BAD_CALLS = [
     ("generate no rows", lambda m: m.generate(IDS[:0], MASK[:0], max_new_tokens=2), ValueError, r"the batch is empty"),
     ("generate ids above the vocabulary", lambda m: m.generate(IDS + 200, MASK, max_new_tokens=2), IndexError,
      r"input_ids contains 294"),
+    ("pre-shifted labels", lambda m: m(IDS, MASK, shift_labels=IDS), ValueError,
+     r"shift_labels: pass labels \(B, L\) for the input tokens"),
     ("build_inputs no tokens", lambda m: m.build_inputs(IDS[:, :0], MASK[:, :0]), ValueError, r"the batch is empty"),
 ]
 

@@ -100,7 +100,6 @@ def test_another_methods_file_fails(tmp_path):
 
 def test_mismatched_dimensions_fail(tmp_path):
     path = _saved(tmp_path)
-    wide = tm.llama(hidden_size=48) if False else None  # noqa: F841  (built below with another width)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     other = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
