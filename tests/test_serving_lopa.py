@@ -90,7 +90,17 @@ def test_stacked_prompts_do_not_depend_on_the_rest_of_the_batch(backend, combine
 
 
 def _serving_backends():
-    return ["torch"] + (["triton"] if _backends.triton_available(torch.device("cpu")) else [])
+    """The assembly's backends that run on the CPU here ("torch" is serving's alias of "reference")."""
+    from lopa.assemble import assembly_backend
+
+    names = ["torch", "reference"]
+    for name in ("cpp", "triton"):
+        try:
+            assembly_backend(name, torch.device("cpu"), torch.float32)
+        except (RuntimeError, ValueError):
+            continue
+        names.append(name)
+    return names
 
 
 @pytest.mark.parametrize("backend", _serving_backends())

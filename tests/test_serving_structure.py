@@ -10,6 +10,7 @@ import lopa
 from lopa.serving import PromptBank, TaskRegistry
 
 import tiny_models as tm
+from test_serving_lopa import _serving_backends
 
 SERVING = pathlib.Path(lopa.__file__).parent / "serving"
 SPLIT = ("registry.py", "bank.py", "generation.py", "requests.py", "store.py")
@@ -64,3 +65,22 @@ def test_the_bank_is_a_registry_bound_to_a_model():
     assert torch.equal(built.inputs_embeds, assembled.inputs_embeds)
     storage = PromptBank(8)
     assert storage.binding is None and storage.model is None and storage.encoder is None
+
+
+def test_backends_take_the_librarys_names_and_torch_as_an_alias():
+    g = torch.Generator().manual_seed(1)
+    bank = PromptBank(16)
+    bank.add_pt(["a", "b"], torch.randn(2, 3, 16, generator=g))
+    bank.add_ulpt("u", torch.randn(4, 2, generator=g))
+    table = torch.randn(30, 16, generator=g)
+    requests = [("a", [1, 2]), ("u", [3, 4, 5]), ("b", [6])]
+    reference = bank.assemble(requests, embedding_weight=table, backend="reference")
+    assert torch.equal(bank.assemble(requests, embedding_weight=table, backend="torch").inputs_embeds,
+                       reference.inputs_embeds)
+    for name in ["auto"] + [b for b in _serving_backends() if b not in ("torch", "reference")]:
+        other = bank.assemble(requests, embedding_weight=table, backend=name)
+        torch.testing.assert_close(other.inputs_embeds, reference.inputs_embeds, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'triton', 'cpp', 'reference', 'torch'"):
+        bank.assemble(requests, embedding_weight=table, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        PromptBank(16, backend="fast")

@@ -328,8 +328,9 @@ class PromptBank:
             embedding_weight: the ``(V, d)`` input embedding table, if the bank has no model.
             padding_side: ``"left"`` (default: generation) or ``"right"``.
             max_length: limit on prompt rows + tokens (default: the bank's).
-            backend: the assembly's backend (default: the bank's): ``"auto"`` (Triton on CUDA,
-                else the CPU path), ``"triton"`` or the CPU path's name; see
+            backend: the assembly's backend (default: the bank's), the library's names:
+                ``"auto"`` (Triton on CUDA, C++ on the CPU), ``"triton"``, ``"cpp"`` or
+                ``"reference"`` (``"torch"``: the same as ``"reference"``); see
                 :func:`lopa.serving.assembly.resolve_backend`.
 
         Returns:
