@@ -7,7 +7,7 @@ state per row:
 
 * ``"cls"``: the first *real* token (mask-aware, so left padding works too);
 * ``"mean"``: the mean over real tokens;
-* ``"last"``: the last real token (what SPEC §1 uses for a decoder LM).
+* ``"last"``: the last real token (LoPA's choice for a decoder LM).
 
 Works with encoders (BERT, RoBERTa, MiniLM ...), decoders (a ``*Model`` or a
 ``*ForCausalLM``: its last hidden state is used) and encoder-decoders (the encoder part).

@@ -4,7 +4,9 @@ Every question the wrapper (:class:`lopa.PromptTunedModel`), the instance encode
 serving ask a ``transformers`` model is answered here: its task kind, which keyword
 arguments its ``forward`` accepts, how its position ids count, how long an input it
 takes, its pad token, width, vocabulary and dropout, and the pooling an instance encoder
-built on it should use.  Nothing here imports the rest of lopa.
+built on it should use.  Also the one adaptation to TRL: ``SFTTrainer`` patches the model it
+trains with a fused LM head, which belongs on the base model of a prompt-tuned model (as TRL
+does for PEFT models).  Nothing here imports the rest of lopa.
 """
 from __future__ import annotations
 
@@ -21,9 +23,11 @@ __all__ = [
     "default_pooling",
     "detect_task",
     "encoder_dropout",
+    "fused_head_on_base",
     "hidden_size",
     "is_encoder_decoder",
     "is_plain_embedding",
+    "is_trl_fused_head",
     "length_limit",
     "reads_last_position",
     "model_position_offset",
@@ -183,3 +187,25 @@ def accepts_var_keywords(model: nn.Module) -> bool:
     except (TypeError, ValueError):
         return False
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def is_trl_fused_head(value, model: nn.Module) -> bool:
+    """Whether ``value`` is TRL's fused LM head patched onto ``model`` (SFTTrainer does that)."""
+    function = getattr(value, "__func__", None)
+    # functools.wraps gives the patch our forward's name and module: look at its code and globals.
+    return (getattr(value, "__self__", None) is model and function is not None
+            and getattr(function, "__code__", None) is not None and function.__code__.co_name == "_fused_forward"
+            and str(getattr(function, "__globals__", {}).get("__name__", "")).startswith("trl."))
+
+
+def fused_head_on_base(patched, base_model: nn.Module) -> None:
+    """Apply TRL's fused LM head (with the arguments it was built with) to ``base_model``."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    settings = inspect.getclosurevars(patched.__func__).nonlocals
+    try:
+        arguments = {k: settings[k] for k in ("temperature", "cast_lm_head_to_fp32", "outputs")}
+    except KeyError as exc:
+        raise RuntimeError(f"this TRL version's fused LM head has no {exc.args[0]!r} setting; lopa cannot move it "
+                           "onto the base model (please report the TRL version)") from None
+    add_fused_lm_head(base_model, **arguments)

@@ -13,7 +13,7 @@ API (stable; the trainer and serving build on it):
   :class:`lopa.LoPAPrompt` or :class:`lopa.PromptTuning`; ``encoder`` (LoPA only) an
   :class:`lopa.InstanceEncoder`, a Hugging Face model (wrapped with CLS pooling for
   encoders, last-token pooling for decoders) or ``None`` (the frozen base model itself,
-  last-token pooling: SPEC §1's choice for decoder LMs).  The base model is frozen.
+  last-token pooling: the paper's choice for decoder LMs).  The base model is frozen.
 * ``PromptTunedModel.for_method(base_model, method="ulpt"|"lopa"|"pt", *, num_tokens=10,
   rank=None, encoder=None, tokenizer=None, **prompt_kwargs)`` -- builds the prompt module
   with the model's width (ULPT rank 2, LoPA rank 4 by default; ``prompt_kwargs`` go to the
@@ -28,19 +28,32 @@ API (stable; the trainer and serving build on it):
 * ``generate(input_ids, attention_mask=None, *, pooled=None, encoder_input_ids=None,
   encoder_attention_mask=None, example_ids=None, **generate_kwargs)`` -- Hugging Face
   generation (KV cache, greedy / sampling / beams) from the assembled ``inputs_embeds``;
-  returns the input ids followed by the new tokens (decoder-only) or the decoder tokens
-  (seq2seq): real tokens only.
+  returns the input ids as passed followed by the new tokens (decoder-only) or the decoder
+  tokens (seq2seq).  ``max_length`` / ``min_length`` count the input and the new tokens, as
+  in PEFT (not the prompt rows); right-padded rows are generated left-aligned.
 * ``build_inputs(...)`` -- the :class:`lopa.assemble.AssembledInputs` that ``forward`` feeds
   the base model (for custom loops and serving).
+* Every input is checked before anything runs (the LoPA encoder included): ids' dtype,
+  shape, device and range, masks, labels (per token for LMs: ``(B, L)``, never ``(B, m+L)``),
+  ``pooled``, empty batches, and the length limit with the prompt rows counted.
 * ``save_pretrained(dir)`` / ``PromptTunedModel.from_pretrained(dir, base_model,
-  encoder=None, *, method=None, is_trainable=False)`` -- ``lopa_config.json`` +
-  ``lopa_model.safetensors``; bit-exact.  ULPT stores ``z``/``scale``/``shift`` and the seed
-  (P is regenerated), LoPA ``Z_S`` and the heads and the encoder's name.  As in PEFT,
-  ``is_trainable=False`` loads the prompt frozen, for inference.
+  encoder=None, *, method=None, is_trainable=False, ignore_base_mismatch=False,
+  load_heads=False)`` -- ``lopa_config.json`` + ``lopa_model.safetensors`` (:mod:`lopa.saved`);
+  bit-exact.  ULPT stores ``z``/``scale``/``shift`` and the seed (P is regenerated), LoPA
+  ``Z_S`` and the heads and the encoder's name (never this machine's absolute path).  As in
+  PEFT, ``is_trainable=False`` loads the prompt frozen.  ``from_pretrained`` also reads a
+  folder where ``transformers.Trainer`` saved the model and a PEFT ``PROMPT_TUNING`` adapter
+  (:meth:`from_peft`); a base model of another vocabulary size, model type or task is refused.
+* ``state_dict()`` -- the prompt only (``prompt.*``) and its config (``_extra_state``): what
+  ``transformers.Trainer`` / TRL checkpoint; ``load_state_dict`` reads it back.
 * ``export_peft(dir)`` (ULPT, PT) -- a PEFT ``PROMPT_TUNING`` checkpoint that
   ``peft.PeftModel.from_pretrained(base_model, dir)`` loads.
-* ``print_trainable_parameters()``, ``get_nb_trainable_parameters()`` (PEFT's), and
-  attribute passthrough to the base model (``model.config``, ``model.device``...).
+* PEFT's names: ``print_trainable_parameters()``, ``get_nb_trainable_parameters()``,
+  ``num_parameters(only_trainable=)``, ``peft_config``, ``active_adapter``,
+  ``disable_adapter()``, ``get_prompt(batch_size)``, ``get_base_model()``,
+  ``push_to_hub(repo_id)`` (the prompt folder); read-only attributes pass through to the base
+  model (``model.config``, ``model.device``...), calls that would act on the base alone
+  (``load_adapter``, ``set_adapter``, ``merge_and_unload``, ...) are refused.
 
 Layout: the prompt goes immediately before each row's first real token (left padding
 works; PEFT puts it before the pads), the attention mask gets ones there, labels get
@@ -60,7 +73,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import os
 import tempfile
 import warnings
@@ -77,8 +89,9 @@ from lopa.encoders import resolve_encoder, saved_encoder, shares_model
 from lopa.hf import (
     accepts,
     accepts_var_keywords,
+    fused_head_on_base,
+    is_trl_fused_head,
     base_model_info,
-    default_pooling,
     detect_task,
     encoder_dropout,
     is_plain_embedding,
@@ -97,8 +110,10 @@ from lopa.saved import (
     PEFT_TASK_TYPES,
     STATE_PREFIX,
     WEIGHTS_NAME,
-    SavedPrompt,
+    check_heads,
+    check_same_base,
     config_from_tensor,
+    copy_heads,
     config_tensor,
     portable_name,
     read_config,
@@ -108,13 +123,9 @@ from lopa.saved import (
     write_prompt_folder,
 )
 
-__all__ = ["PromptTunedModel", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "detect_task"]
-
-# Names other modules imported from here before lopa.hf / lopa.saved existed.
-_accepts = accepts
-_default_pooling = default_pooling
-_is_plain_embedding = is_plain_embedding
-_REEXPORTED = (FORMAT, METHODS, PEFT_TASK_TYPES, read_config, read_weights, model_position_offset)
+# CONFIG_NAME ... model_position_offset were defined here before lopa.hf / lopa.saved: still importable.
+__all__ = ["PromptTunedModel", "PromptConfig", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "detect_task",
+           "read_config", "read_weights", "model_position_offset"]
 
 ADAPTER_NAME = "default"
 PEFT_TYPES = {"pt": "PROMPT_TUNING", "ulpt": "ULPT", "lopa": "LOPA"}
@@ -274,11 +285,11 @@ class PromptTunedModel(nn.Module):
 
     # ------------------------------------------------------------------ passthrough
     def __setattr__(self, name: str, value) -> None:
-        if name == "forward" and _is_trl_fused_head(value, self):
+        if name == "forward" and is_trl_fused_head(value, self):
             # TRL's SFTTrainer patches the model it trains with a fused LM head that runs
             # `model.base_model` as a headless backbone; for a PEFT model it patches the base model
             # instead, whose forward the adapter calls with the prompted inputs.  Do the same here.
-            _fused_head_on_base(value, self.base_model)
+            fused_head_on_base(value, self.base_model)
             return
         super().__setattr__(name, value)
 
@@ -833,17 +844,17 @@ class PromptTunedModel(nn.Module):
                 f"{directory} holds a prompt of dim {saved.prompt['dim']} (base model "
                 f"{saved.base_model.get('name_or_path')!r}) but {type(base_model).__name__}'s embeddings have width {width}"
             )
-        _check_same_base(saved, base_model, ignore_base_mismatch)
+        check_same_base(saved, base_model, ignore_base_mismatch)
         if saved.method == "lopa" and encoder is None:
             encoder = saved_encoder(saved.encoder, base_model, saved.directory)
         elif saved.method == "lopa":  # a model or a folder: pooled as it was trained
             encoder = resolve_encoder(encoder, base_model, pooling=(saved.encoder or {}).get("pooling"))
         elif encoder is not None:
             raise ValueError(f"{directory} holds a {saved.method!r} prompt, which takes no encoder")
-        _check_heads(saved, base_model, load_heads)
+        check_heads(saved, base_model, load_heads)
         model = cls(base_model, saved.build(), encoder, tokenizer=tokenizer, **kwargs)
         if saved.heads and load_heads:
-            _copy_heads(saved, base_model)
+            copy_heads(saved, base_model)
         if not is_trainable:
             model.prompt.requires_grad_(False)
             model.eval()
@@ -883,67 +894,3 @@ class PromptTunedModel(nn.Module):
         write_peft_folder(save_directory, embeddings, task=self.task, base_model=self._base_info(),
                           heads=heads, num_attention_heads=getattr(config, "num_attention_heads", None),
                           num_layers=getattr(config, "num_hidden_layers", None))
-
-
-# ---------------------------------------------------------------------- TRL
-def _is_trl_fused_head(value, model: nn.Module) -> bool:
-    function = getattr(value, "__func__", None)
-    # functools.wraps gives the patch our forward's name and module: look at its code and globals.
-    return (getattr(value, "__self__", None) is model and function is not None
-            and getattr(function, "__code__", None) is not None and function.__code__.co_name == "_fused_forward"
-            and str(getattr(function, "__globals__", {}).get("__name__", "")).startswith("trl."))
-
-
-def _fused_head_on_base(patched, base_model: nn.Module) -> None:
-    """Apply TRL's fused LM head (with the arguments it was built with) to ``base_model``."""
-    from trl.trainer.utils import add_fused_lm_head
-
-    settings = inspect.getclosurevars(patched.__func__).nonlocals
-    try:
-        arguments = {k: settings[k] for k in ("temperature", "cast_lm_head_to_fp32", "outputs")}
-    except KeyError as exc:
-        raise RuntimeError(f"this TRL version's fused LM head has no {exc.args[0]!r} setting; lopa cannot move it "
-                           "onto the base model (please report the TRL version)") from None
-    add_fused_lm_head(base_model, **arguments)
-
-
-# ---------------------------------------------------------------------- loading checks
-def _check_same_base(saved: SavedPrompt, base_model: nn.Module, ignore: bool) -> None:
-    """The saved vocabulary size, model type and task against ``base_model``'s (where known)."""
-    info = base_model_info(base_model)
-    mine = dict(vocab_size=info["vocab_size"], model_type=info["model_type"], task=detect_task(base_model))
-    theirs = dict(saved.base_model, task=saved.task)
-    differ = [f"{key} {theirs[key]!r} (this base model: {mine[key]!r})" for key in mine
-              if theirs.get(key) is not None and mine[key] is not None and theirs[key] != mine[key]]
-    if not differ:
-        return
-    message = (f"{saved.directory} was trained on another base model ({saved.base_model.get('name_or_path')!r}): "
-               + "; ".join(differ))
-    if not ignore:
-        raise ValueError(message + ". Pass ignore_base_mismatch=True to load it anyway")
-    warnings.warn(message, stacklevel=3)
-
-
-def _check_heads(saved: SavedPrompt, base_model: nn.Module, load: bool) -> None:
-    for head, state in saved.heads.items():
-        module = getattr(base_model, head, None)
-        if not isinstance(module, nn.Module):
-            raise ValueError(f"{saved.directory} holds a trained {head!r} head (PEFT modules_to_save) but "
-                             f"{type(base_model).__name__} has no module {head!r}")
-        mine = module.state_dict()
-        if set(mine) != set(state) or any(tuple(mine[k].shape) != tuple(v.shape) for k, v in state.items()):
-            raise ValueError(f"{saved.directory}: the {head!r} head has tensors "
-                             f"{ {k: tuple(v.shape) for k, v in state.items()} } but the base model's has "
-                             f"{ {k: tuple(v.shape) for k, v in mine.items()} }")
-        same = all(torch.equal(mine[k].detach().cpu(), v.to(mine[k].dtype)) for k, v in state.items())
-        if not same and not load:
-            raise ValueError(f"{saved.directory} trained the {head!r} head too (PEFT modules_to_save) and it differs "
-                             "from the base model's; lopa keeps the base frozen: pass load_heads=True to copy the "
-                             "adapter's head into the base model")
-
-
-def _copy_heads(saved: SavedPrompt, base_model: nn.Module) -> None:
-    with torch.no_grad():
-        for head, state in saved.heads.items():
-            for key, param in getattr(base_model, head).state_dict(keep_vars=True).items():
-                param.copy_(state[key].to(device=param.device, dtype=param.dtype))

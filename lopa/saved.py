@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lopa.hf import TASKS
+from lopa.hf import TASKS, base_model_info, detect_task
 from lopa.modules import COMBINES, VOCAB_INITS, PromptModule, prompt_from_config
 from lopa.projection import INITS as PROJECTION_INITS
 
@@ -45,6 +45,9 @@ __all__ = [
     "FORMAT_VERSION",
     "PEFT_CONFIG_NAME",
     "SavedPrompt",
+    "check_heads",
+    "check_same_base",
+    "copy_heads",
     "config_from_tensor",
     "config_tensor",
     "portable_name",
@@ -631,3 +634,48 @@ def write_peft_folder(directory, embeddings: Tensor, *, task: str, base_model: d
     _atomic_write(os.path.join(directory, PEFT_SAFETENSORS_NAME),
                   lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _write_json(os.path.join(directory, PEFT_CONFIG_NAME), adapter_config)
+
+
+# ----------------------------------------------------------------------------- loading onto a base model
+def check_same_base(saved: SavedPrompt, base_model: nn.Module, ignore: bool) -> None:
+    """The saved vocabulary size, model type and task against ``base_model``'s (where known):
+    an error, or with ``ignore`` a warning."""
+    info = base_model_info(base_model)
+    mine = dict(vocab_size=info["vocab_size"], model_type=info["model_type"], task=detect_task(base_model))
+    theirs = dict(saved.base_model, task=saved.task)
+    differ = [f"{key} {theirs[key]!r} (this base model: {mine[key]!r})" for key in mine
+              if theirs.get(key) is not None and mine[key] is not None and theirs[key] != mine[key]]
+    if not differ:
+        return
+    message = (f"{saved.directory} was trained on another base model ({saved.base_model.get('name_or_path')!r}): "
+               + "; ".join(differ))
+    if not ignore:
+        raise ValueError(message + ". Pass ignore_base_mismatch=True to load it anyway")
+    warnings.warn(message, stacklevel=3)
+
+
+def check_heads(saved: SavedPrompt, base_model: nn.Module, load: bool) -> None:
+    """A PEFT adapter's trained heads must match ``base_model``'s (or be loaded, ``load``)."""
+    for head, state in saved.heads.items():
+        module = getattr(base_model, head, None)
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"{saved.directory} holds a trained {head!r} head (PEFT modules_to_save) but "
+                             f"{type(base_model).__name__} has no module {head!r}")
+        mine = module.state_dict()
+        if set(mine) != set(state) or any(tuple(mine[k].shape) != tuple(v.shape) for k, v in state.items()):
+            raise ValueError(f"{saved.directory}: the {head!r} head has tensors "
+                             f"{ {k: tuple(v.shape) for k, v in state.items()} } but the base model's has "
+                             f"{ {k: tuple(v.shape) for k, v in mine.items()} }")
+        same = all(torch.equal(mine[k].detach().cpu(), v.to(mine[k].dtype)) for k, v in state.items())
+        if not same and not load:
+            raise ValueError(f"{saved.directory} trained the {head!r} head too (PEFT modules_to_save) and it differs "
+                             "from the base model's; lopa keeps the base frozen: pass load_heads=True to copy the "
+                             "adapter's head into the base model")
+
+
+def copy_heads(saved: SavedPrompt, base_model: nn.Module) -> None:
+    """Copy a PEFT adapter's trained heads into ``base_model`` (checked by :func:`check_heads`)."""
+    with torch.no_grad():
+        for head, state in saved.heads.items():
+            for key, param in getattr(base_model, head).state_dict(keep_vars=True).items():
+                param.copy_(state[key].to(device=param.device, dtype=param.dtype))
