@@ -480,6 +480,22 @@ def cmd_bench(args) -> int:
     return run_demo()
 
 
+def _no_library_progress_bars() -> None:
+    """``--no-progress`` also silences the bars of datasets and transformers (data and weight loading)."""
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = _parse(parser, sys.argv[1:] if argv is None else list(argv))
@@ -496,6 +512,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        if not args.progress:
+            _no_library_progress_bars()
         return commands[args.command](args)
     except KeyboardInterrupt as exc:
         # A training run says where it stopped (and saved); anything else was only loading.

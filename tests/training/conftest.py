@@ -62,6 +62,26 @@ def tiny_assets(tmp_path_factory):
             "root": root}
 
 
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """``finished_run(name, argv_for)``: the folder of a ``lopa train`` run made once per session
+    (``argv_for(output_dir)`` gives its arguments), with its own cache."""
+    from lopa.cli import main
+
+    made = {}
+
+    def make(name, argv_for):
+        if name not in made:
+            root = tmp_path_factory.mktemp(name)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("LOPA_CACHE", str(root / "cache"))
+                assert main(argv_for(root / "run")) == 0
+            made[name] = root / "run"
+        return made[name]
+
+    return make
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LOPA_CACHE", str(tmp_path / "lopa-cache"))

@@ -53,14 +53,10 @@ def _train_args(tiny, out, *extra):
             "--output-dir", str(out), *extra]
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_assets, tmp_path_factory):
+@pytest.fixture
+def trained(tiny_assets, finished_run):
     """One finished LoPA run (copied by each test that damages it)."""
-    root = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LOPA_CACHE", str(root / "cache"))
-        assert main(_train_args(tiny_assets, root / "run")) == 0
-    return root / "run"
+    return finished_run("trained", lambda out: _train_args(tiny_assets, out))
 
 
 @pytest.fixture

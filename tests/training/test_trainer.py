@@ -171,6 +171,16 @@ def test_best_checkpoint_is_the_best_validation(tiny_assets, tmp_path):
     assert sum(train_losses[-4:]) < sum(train_losses[:4])  # it learns
 
 
+def test_a_validation_tie_goes_to_the_lower_loss(tiny_assets, loaded, tmp_path, monkeypatch):
+    losses = iter([0.9, 0.5, 0.7])  # steps 2, 4, 6: the same accuracy each time
+    monkeypatch.setattr(Trainer, "evaluate",
+                        lambda self, examples=None, desc="eval": {"accuracy": 0.75, "loss": next(losses), "examples": 8})
+    trainer, _ = _trainer(tiny_assets, loaded, "pt", tmp_path, max_steps=6, eval_every=2, save_every=0)
+    summary = trainer.train()
+    assert summary["best_step"] == 4 and ckpt.load(tmp_path / BEST)["step"] == 4
+    assert ckpt.load(tmp_path / CHECKPOINT)["state"]["best_loss"] == 0.5
+
+
 def test_same_seed_same_run_other_seed_other_run(tiny_assets, loaded, tmp_path):
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
