@@ -228,18 +228,28 @@ def check_tensor_dict(value: Any, what: str, path) -> Dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- random state
-def rng_state() -> Dict[str, Any]:
-    """Every generator a training step may draw from, as tensors and plain lists (no pickle needed)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
+def rng_snapshot() -> tuple:
+    """Every generator a training step may draw from, as they are (cheap: taken before every step)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def plain_rng(snapshot: tuple) -> Dict[str, Any]:
+    """An :func:`rng_snapshot` as tensors and plain lists, which load without pickle."""
+    (version, internal, gauss), (kind, keys, pos, has_gauss, cached), cpu, cuda = snapshot
     state = {
         "python": [version, list(internal), gauss],
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
+        "torch": cpu,
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda is not None:
+        state["cuda"] = cuda
     return state
+
+
+def rng_state() -> Dict[str, Any]:
+    """The state of every generator a training step may draw from (see :func:`set_rng_state`)."""
+    return plain_rng(rng_snapshot())
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:

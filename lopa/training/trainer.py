@@ -485,7 +485,7 @@ class Trainer:
     def _mark_step_boundary(self) -> None:
         # One process only: saving on interrupt would need every rank at the same boundary.
         if self.world == 1:
-            self._boundary_rng = ckpt.rng_state()
+            self._boundary_rng = ckpt.rng_snapshot()
             self._between_steps = True
 
     def _interrupted(self) -> TrainingInterrupted:
@@ -493,7 +493,7 @@ class Trainer:
         step = self.state["step"]
         if self._between_steps and self.is_main and step > 0 and self._saved_step != step:
             try:
-                self.save_checkpoint(rngs=[self._boundary_rng])
+                self.save_checkpoint(rngs=[ckpt.plain_rng(self._boundary_rng)])
             except (OSError, KeyboardInterrupt):
                 pass  # the previous checkpoint is intact (atomic write)
         return TrainingInterrupted(step, self.config.max_steps, self._saved_step)

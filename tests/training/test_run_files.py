@@ -283,6 +283,15 @@ def test_output_dir_that_is_a_file(tiny_assets, tmp_path, capsys, no_model):
     _one_line_error(capsys, "lopa train: error:", str(target), "is a file")
 
 
+def test_main_output_dir_that_is_a_file(tiny_assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("lopa.training.compare.load_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    target = tmp_path / "out"
+    target.write_text("not a folder")
+    assert main(["main", "--model", tiny_assets["lm"], "--dataset", tiny_assets["data"], "--output-dir", str(target),
+                 "--no-progress"]) == 2
+    _one_line_error(capsys, "lopa main: error:", str(target), "is a file")
+
+
 def test_output_dir_that_cannot_be_written(tiny_assets, tmp_path, capsys, no_model, monkeypatch):
     target = tmp_path / "ro"
     target.mkdir()
