@@ -95,8 +95,8 @@ def build(rows: List[Row], *, table: Tensor, embed: Optional[Callable[[Tensor], 
         if g is None:
             g = groups[id(r.sub)] = Group(r.sub, [], [])
         g.batch_rows.append(b)
-        g.task_ids.append(r.slot)
-    meta = [v for column in columns for v in column] + [r.slot for r in rows]
+        g.task_ids.append(r.task_id)
+    meta = [v for column in columns for v in column] + [r.task_id for r in rows]
     for g in groups.values():
         meta += g.batch_rows + g.task_ids
     if flat_ids is None:

@@ -1,0 +1,142 @@
+"""Padding-free packed batches: several sequences in one row, each with its own prompt.
+
+The input is the format of ``transformers.DataCollatorWithFlattening``: ``input_ids`` ``(1, N)``
+holding the sequences one after another, ``position_ids`` ``(1, N)`` restarting at 0 for each
+sequence, ``labels`` ``(1, N)`` (the collator puts -100 at each sequence's first label), and
+optionally ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (sequence boundaries), ``max_length_q`` /
+``max_length_k`` and ``seq_idx``.  No attention mask: nothing is padded.
+
+:func:`parse_packed` validates it once (one host sync) into a :class:`PackedSequences`;
+:func:`block_attention_mask` is the 4-D mask that lets each position see its own sequence
+(causally) and, with a shared prefix, its task's prefix -- sdpa and eager attention take it
+as given (flash-attention layouts are not built here).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["PackedSequences", "parse_packed", "looks_packed", "block_attention_mask", "PACKED_KEYS"]
+
+PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+@dataclass(frozen=True)
+class PackedSequences:
+    """``S`` sequences packed in one row of ``N`` tokens."""
+
+    starts: Tensor  # (S,) int64: first token of each sequence
+    lengths: Tensor  # (S,) int64
+    count: int  # S
+    total: int  # N
+    longest: int
+
+    @property
+    def sequence_of_token(self) -> Tensor:
+        return torch.repeat_interleave(torch.arange(self.count, device=self.starts.device), self.lengths,
+                                       output_size=self.total)
+
+
+def looks_packed(input_ids: Optional[Tensor], position_ids: Optional[Tensor], kwargs: dict) -> bool:
+    """Whether a call carries a packed batch: one row and position ids that restart, or boundaries."""
+    if any(kwargs.get(k) is not None for k in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")):
+        return True
+    if input_ids is None or position_ids is None or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        return False
+    if position_ids.dim() != 2 or position_ids.shape != input_ids.shape or position_ids.shape[1] < 2:
+        return False
+    return bool((position_ids[0, 1:] == 0).any())
+
+
+def parse_packed(input_ids: Tensor, position_ids: Optional[Tensor], *, attention_mask: Optional[Tensor] = None,
+                 cu_seq_lens_q: Optional[Tensor] = None, cu_seq_lens_k: Optional[Tensor] = None,
+                 seq_idx: Optional[Tensor] = None, max_tokens: Optional[int] = None,
+                 prompt_rows: int = 0, **_ignored) -> PackedSequences:
+    """Check a packed batch and find its sequences; a ``ValueError`` names the offending sequence.
+
+    ``max_tokens``: the model's length limit, checked per sequence with its ``prompt_rows``.
+    """
+    if attention_mask is not None:
+        raise ValueError("a packed batch (position_ids restarting at 0, as DataCollatorWithFlattening makes it) "
+                         "takes no attention_mask: the sequences are separated by their positions; drop it")
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"a packed batch has input_ids of shape (1, N), got {tuple(input_ids.shape)}")
+    n = input_ids.shape[1]
+    if n == 0:
+        raise ValueError("the packed batch has no tokens")
+    starts = _starts_from(input_ids, position_ids, cu_seq_lens_q if cu_seq_lens_q is not None else cu_seq_lens_k,
+                          seq_idx)
+    bounds = torch.cat([starts, torch.tensor([n], device=starts.device)])
+    lengths = bounds[1:] - bounds[:-1]
+    longest = int(lengths.max())
+    if max_tokens is not None and longest + prompt_rows > max_tokens:
+        bad = int((lengths + prompt_rows > max_tokens).nonzero()[0])
+        raise ValueError(f"packed sequence {bad} has {int(lengths[bad])} tokens; with the {prompt_rows} prompt rows "
+                         f"that is over the model's limit of {max_tokens} positions")
+    return PackedSequences(starts, lengths, starts.numel(), n, longest)
+
+
+def _starts_from(input_ids: Tensor, position_ids: Optional[Tensor], cu_seq_lens: Optional[Tensor],
+                 seq_idx: Optional[Tensor]) -> Tensor:
+    n = input_ids.shape[1]
+    device = input_ids.device
+    starts = None
+    if position_ids is not None:
+        if tuple(position_ids.shape) != (1, n):
+            raise ValueError(f"position_ids must have the shape of input_ids (1, {n}), got {tuple(position_ids.shape)}")
+        pos = position_ids[0].to(torch.int64)
+        if int(pos[0]) != 0:
+            raise ValueError(f"packed sequence 0 starts at position {int(pos[0])}; every sequence's positions must "
+                             "start at 0")
+        restart = pos[1:] != pos[:-1] + 1
+        bad = restart & (pos[1:] != 0)
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0]) + 1
+            seq = int(restart[:k - 1].sum())
+            raise ValueError(f"position_ids of packed sequence {seq} jump from {int(pos[k - 1])} to {int(pos[k])} "
+                             f"at token {k}: each sequence counts 0, 1, 2, ... and the next restarts at 0")
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), restart.nonzero()[:, 0] + 1])
+    if cu_seq_lens is not None:
+        cu = cu_seq_lens.reshape(-1).to(device=device, dtype=torch.int64)
+        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu[1:] <= cu[:-1]).any()):
+            raise ValueError(f"cu_seq_lens must rise from 0 to the {n} tokens, one step per sequence; got "
+                             f"{cu.tolist()[:8]}")
+        from_cu = cu[:-1]
+        if starts is not None and not torch.equal(starts, from_cu):
+            raise ValueError("cu_seq_lens and position_ids disagree about where the packed sequences start")
+        starts = from_cu
+    if seq_idx is not None:
+        ids = seq_idx.reshape(-1).to(device=device, dtype=torch.int64)
+        if ids.numel() != n:
+            raise ValueError(f"seq_idx must have one entry per token ({n}), got {ids.numel()}")
+        from_idx = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), (ids[1:] != ids[:-1]).nonzero()[:, 0] + 1])
+        if starts is not None and not torch.equal(starts, from_idx):
+            raise ValueError("seq_idx and position_ids disagree about where the packed sequences start")
+        starts = from_idx
+    if starts is None:
+        raise ValueError("a packed batch needs position_ids restarting at 0 per sequence (or cu_seq_lens_q)")
+    return starts
+
+
+def block_attention_mask(query_block: Tensor, key_block: Tensor, prefix_keys: Optional[Tensor] = None, *,
+                         dtype: torch.dtype, additive: bool) -> Tensor:
+    """``(1, 1, Q, P + K)``: query ``q`` sees key ``k`` of its own block at or before it, and the
+    prefix keys of its task.
+
+    ``query_block`` ``(Q,)`` / ``key_block`` ``(K,)``: the block (sequence) of each position,
+    queries and keys aligned (query ``i`` is key ``i``); ``prefix_keys`` ``(Q, P)`` bool, which
+    prefix keys each query may see (``None``: no prefix).  ``additive``: a float mask of 0 and the
+    dtype's minimum (eager attention adds it), else bool (sdpa).
+    """
+    q = torch.arange(query_block.numel(), device=query_block.device)
+    allowed = (query_block[:, None] == key_block[None, :]) & (q[None, :] <= q[:, None])
+    if prefix_keys is not None:
+        allowed = torch.cat([prefix_keys, allowed], dim=1)
+    allowed = allowed[None, None]
+    if not additive:
+        return allowed
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
