@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
 PY=${PYTHON:-python3}
+case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # usable from any folder
 mode=${1:-main}
 [ $# -gt 0 ] && shift
 
