@@ -7,6 +7,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -254,6 +256,25 @@ def test_stale_temporaries_are_cleaned_and_live_ones_kept(tmp_path):
     assert not dead.exists() and live.exists() and old.exists()  # a write cleans its own name only
     removed = ckpt.clean_stale_temporaries(tmp_path, [CHECKPOINT, BEST])
     assert removed == [old] and live.exists() and foreign.exists()
+
+
+def test_a_sigkilled_writer_leaves_a_temporary_that_the_next_write_removes(tmp_path):
+    target = tmp_path / CHECKPOINT
+    code = ("import sys, time\nfrom lopa.training import checkpoint as c\n"
+            "def write(fh):\n    fh.write(b'PK half a checkpoint'); fh.flush(); print('writing', flush=True)\n"
+            "    time.sleep(120)\n"
+            f"c.atomic_write({str(target)!r}, write)\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.kill()
+        proc.wait()
+    left = list(tmp_path.glob(f".{CHECKPOINT}.*.tmp"))
+    assert len(left) == 1 and not target.exists()
+    ckpt.atomic_save({"w": torch.ones(2)}, target)
+    assert not list(tmp_path.glob("*.tmp")) and torch.equal(ckpt.load(target)["w"], torch.ones(2))
 
 
 def test_training_start_cleans_its_folder(tiny_assets, run_dir, capsys):
