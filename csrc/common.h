@@ -97,6 +97,8 @@ struct RowsOfTask {
   std::vector<int64_t> start;  // num_tasks + 1 offsets into `rows`
   std::vector<int64_t> rows;
 
+  bool uses(int64_t task) const { return start[task + 1] > start[task]; }
+
   RowsOfTask(const std::vector<int64_t>& task_of_row, int64_t num_tasks)
       : start(num_tasks + 1, 0), rows(task_of_row.size()) {
     for (int64_t t : task_of_row) ++start[t + 1];

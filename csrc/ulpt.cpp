@@ -212,6 +212,17 @@ void scale_rows(T* tile, const T* scale_row, int64_t rows, int64_t padded) {
   }
 }
 
+// A task no row uses gets exact zeros and adds nothing to dproj, whatever its values (the
+// general path would compute 0 * inf = NaN for a non-finite z, proj or scale).
+template <typename scalar_t, typename opmath_t>
+void write_unused_task_block(int64_t t, const ColumnBlock& blk, const UlptShapes& s, const UlptGrads& need,
+                             int64_t out_offset, at::Tensor& grad_scale, at::Tensor& grad_shift,
+                             at::Tensor& dz_partial, int64_t block) {
+  if (need.shift) std::fill_n(grad_shift.data_ptr<scalar_t>() + out_offset, blk.width, scalar_t(0));
+  if (need.scale) std::fill_n(grad_scale.data_ptr<scalar_t>() + out_offset, blk.width, scalar_t(0));
+  if (need.z) std::fill_n(dz_partial.data_ptr<opmath_t>() + (block * s.tasks + t) * s.n * s.r, s.n * s.r, opmath_t(0));
+}
+
 template <typename scalar_t>
 void ulpt_backward_kernel(const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& proj,
                           const at::Tensor& scale, const RowsOfTask& rows_of, bool one_row_per_task,
@@ -242,8 +253,13 @@ void ulpt_backward_kernel(const at::Tensor& grad_out, const at::Tensor& z, const
       }
       std::fill(dproj_tile.begin(), dproj_tile.end(), opmath_t(0));
       for (int64_t t = 0; t < s.tasks; ++t) {
-        grads.load_block(t, s.n, blk, g.data());
         const int64_t out_offset = t * s.d + blk.begin;
+        if (!rows_of.uses(t)) {
+          write_unused_task_block<scalar_t, opmath_t>(t, blk, s, need, out_offset, grad_scale, grad_shift, dz_partial,
+                                                      block);
+          continue;
+        }
+        grads.load_block(t, s.n, blk, g.data());
         if (need.shift) {
           column_sums<opmath_t>(g.data(), nullptr, s.n, blk.padded, col);
           store_row(col, blk.width, grad_shift.data_ptr<scalar_t>() + out_offset);

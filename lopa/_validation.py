@@ -81,6 +81,8 @@ def check_task_ids(task_ids, batch: Optional[int], num_tasks: int, device: torch
 def check_task_id_range(task_ids: Tensor, num_tasks: int) -> None:
     if task_ids.numel() == 0:
         return
+    if num_tasks == 0:
+        raise IndexError(f"task_ids has {task_ids.numel()} rows but the bank has no tasks")
     lo, hi = torch.aminmax(task_ids)
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= num_tasks:

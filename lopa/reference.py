@@ -38,13 +38,34 @@ def _task_rows(bank: Tensor, task_ids: Optional[Tensor], batch: int) -> Tensor:
 def rows_per_task(values: Tensor, task_ids: Optional[Tensor], num_tasks: int) -> Tensor:
     """Sum the rows of ``values`` (B, ...) that belong to each task -> (T, ...).
 
-    Tasks no row uses get zeros.  Summed in a fixed order (deterministic on every
-    device), unlike ``index_add_`` which uses atomics on CUDA.
+    Each task sums exactly its own rows, in row order (deterministic on every device,
+    unlike ``index_add_``, which uses atomics on CUDA); tasks no row uses get zeros, and
+    a NaN or inf in one task's rows stays in that task.
     """
     if task_ids is None:
         return values.sum(0, keepdim=True)
-    onehot = torch.nn.functional.one_hot(task_ids.long(), num_tasks).to(values.dtype)
-    return torch.einsum("bt,b...->t...", onehot, values)
+    ids = task_ids.long()
+    order = torch.argsort(ids, stable=True)
+    rows_of = (ids[None, :] == torch.arange(num_tasks, device=ids.device)[:, None]).sum(1)
+    return torch.segment_reduce(values.index_select(0, order), "sum", lengths=rows_of, unsafe=True)
+
+
+def used_tasks(task_ids: Optional[Tensor], num_tasks: int) -> Optional[Tensor]:
+    """(T,) bool: whether some row uses each task (None: without task_ids every task is used)."""
+    if task_ids is None:
+        return None
+    return (torch.arange(num_tasks, device=task_ids.device)[:, None] == task_ids.long()[None, :]).any(1)
+
+
+def _only_used(used: Optional[Tensor], t: Tensor) -> Tensor:
+    """``t`` (T, ...) with the rows of unused tasks replaced by zeros.
+
+    A task no row uses must get an exactly-zero gradient and add nothing to the shared
+    projection's gradient, even when its own values are not finite (``0 * inf`` is NaN).
+    """
+    if used is None:
+        return t
+    return torch.where(used.view(-1, *([1] * (t.dim() - 1))), t, 0.0)
 
 
 # ----------------------------------------------------------------------------- LoPA
@@ -83,10 +104,14 @@ def gated_prompt_backward(
 def ulpt_prompt(
     z: Tensor, proj: Tensor, scale: Tensor, shift: Tensor, task_ids: Optional[Tensor] = None
 ) -> Tensor:
-    """``out[t] = (z[t] @ proj) * scale[t] + shift[t]``; with ``task_ids`` row b is task t_b."""
+    """``out[t] = (z[t] @ proj) * scale[t] + shift[t]``; with ``task_ids`` row b is task t_b.
+
+    Tasks no row uses take no part (see :func:`_only_used`): their gradients are zeros.
+    """
     compute = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
-    out = torch.matmul(z.to(compute), proj.to(compute)) * scale.to(compute)[:, None, :]
-    out = out + shift.to(compute)[:, None, :]
+    used = used_tasks(task_ids, z.shape[0])
+    z32, s32, b32 = (_only_used(used, t.to(compute)) for t in (z, scale, shift))
+    out = torch.matmul(z32, proj.to(compute)) * s32[:, None, :] + b32[:, None, :]
     if task_ids is not None:
         out = out.index_select(0, task_ids.long())
     return out.to(z.dtype)
@@ -104,17 +129,19 @@ def ulpt_prompt_backward(
     Rows of one task are first summed (the map is linear in its output gradient):
     ``G_t = sum_{b: t_b = t} G_b``; then ``dshift_t = sum_n G_t``,
     ``dscale_t = sum_n G_t * (z_t P)``, ``dz_t = (G_t * s_t) P^T``,
-    ``dP = sum_t z_t^T (G_t * s_t)``.
+    ``dP = sum_t z_t^T (G_t * s_t)``, the sum over the tasks some row uses; the others
+    get zeros.
     """
     compute = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
     g = grad_out.to(compute)
     if task_ids is not None:
         g = rows_per_task(g, task_ids, z.shape[0])
-    z32, p32, s32 = z.to(compute), proj.to(compute), scale.to(compute)
+    used = used_tasks(task_ids, z.shape[0])
+    z32, p32, s32 = _only_used(used, z.to(compute)), proj.to(compute), _only_used(used, scale.to(compute))
     grad_shift = g.sum(1)
-    grad_scale = (g * torch.matmul(z32, p32)).sum(1)
+    grad_scale = _only_used(used, (g * torch.matmul(z32, p32)).sum(1))
     gs = g * s32[:, None, :]
-    grad_z = torch.matmul(gs, p32.t())
+    grad_z = _only_used(used, torch.matmul(gs, p32.t()))
     grad_proj = torch.einsum("tnr,tnd->rd", z32, gs)
     return (
         grad_z.to(z.dtype),

@@ -456,3 +456,41 @@ def test_auto_hands_large_ranks_to_the_blas_path(op, call, training):
         other = "reference" if expected == "cpp" else "cpp"
         assert not torch.equal(got, call(rank, training, other)), f"r={rank}: cpp and reference agree bitwise"
     assert _backends.resolve("cpp", torch.device("cpu"), torch.float32, op, 4 * limit, training).name == "cpp"
+
+
+# ----------------------------------------------------------------------------- unused tasks
+def test_ulpt_unused_tasks_take_no_part_even_when_not_finite(backend, device):
+    """A task no row uses gets exactly zero gradients and adds nothing to dP, whatever its values."""
+    g = torch.Generator().manual_seed(19)
+    z, scale, shift = (randn(s, torch.float32, device, g) for s in ((3, 4, 2), (3, 11), (3, 11)))
+    proj = randn((2, 11), torch.float32, device, g)
+    z[1, 2, 0], scale[1, 3], shift[1, 5] = float("nan"), float("inf"), float("-inf")
+    ids = torch.tensor([0, 2, 2, 0, 2], device=device)
+    leaves = [t.requires_grad_() for t in (z, proj, scale, shift)]
+    out = lopa.ulpt_prompt(*leaves, ids, backend=backend)
+    grad = randn(out.shape, torch.float32, device, g)
+    grads = torch.autograd.grad(out, leaves, grad)
+    for name, got in zip(("z", "scale", "shift"), (grads[0], grads[2], grads[3])):
+        assert torch.equal(got[1], torch.zeros_like(got[1])), f"grad {name} of the unused task"
+    used = [t.detach()[[0, 2]].double().requires_grad_() for t in (z, scale, shift)]
+    p64 = proj.detach().double().requires_grad_()
+    want = reference.ulpt_prompt(used[0], p64, used[1], used[2], torch.tensor([0, 1, 1, 0, 1], device=device))
+    want_grads = torch.autograd.grad(want, [used[0], p64, used[1], used[2]], grad.double())
+    assert_matches_reference(out, want, torch.float32, "out")
+    for name, got, ref in zip(("z", "proj", "scale", "shift"), grads, want_grads):
+        assert_matches_reference(got if name == "proj" else got[[0, 2]], ref, torch.float32, f"grad {name}")
+
+
+def test_task_sums_keep_a_nan_in_its_own_task():
+    """The spec's per-task sums (and the gate's explicit backward) add exactly each task's rows."""
+    values = torch.randn(5, 3, 4, dtype=torch.float64)
+    values[1, 0, 0] = float("nan")
+    ids = torch.tensor([2, 0, 2, 2, 0])
+    sums = reference.rows_per_task(values, ids, 4)
+    assert torch.isnan(sums[0, 0, 0]) and torch.isfinite(sums[[1, 2, 3]]).all()
+    torch.testing.assert_close(sums[2], values[[0, 2, 3]].sum(0))
+    assert torch.equal(sums[[1, 3]], torch.zeros(2, 3, 4, dtype=torch.float64))
+    zs, u, v = torch.randn(3, 3, 4, dtype=torch.float64), torch.randn(5, 3, 2, dtype=torch.float64), torch.randn(5, 2, 4, dtype=torch.float64)
+    u[1, 0, 0] = float("nan")
+    dzs, _, _ = reference.gated_prompt_backward(torch.randn(5, 3, 4, dtype=torch.float64), zs, u, v, ids.clamp(max=2))
+    assert torch.isnan(dzs[0]).any() and torch.isfinite(dzs[[1, 2]]).all()
