@@ -17,6 +17,7 @@ from typing import Callable, List, NamedTuple, Optional
 import torch
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the lopa source tree"
 
 # Largest rank r at which ``auto`` runs the C++ kernels on the CPU, for calls that only
 # need the forward ("forward": inference, no input requires grad) and for calls that will
