@@ -43,6 +43,7 @@ __all__ = [
     "SharedPrefix",
     "causal_lm_loss",
     "compute_prefix",
+    "model_unsupported_reason",
     "rows_cache",
     "unsupported_reason",
 ]
@@ -54,9 +55,15 @@ class PrefixUnsupported(RuntimeError):
 
 def unsupported_reason(base, prompt, task: str) -> Optional[str]:
     """Why ``base`` with ``prompt`` (a prompt module) cannot use a shared prefix, or ``None``."""
-    config = getattr(base, "config", None)
     if prompt.needs_encoder:
         return "LoPA's prompt depends on each input, so it cannot be shared between rows"
+    return model_unsupported_reason(base, task)
+
+
+def model_unsupported_reason(base, task: str = "causal_lm") -> Optional[str]:
+    """Why ``base`` (a model for ``task``) cannot take an input-independent prompt as a shared
+    prefix, or ``None``."""
+    config = getattr(base, "config", None)
     if task != "causal_lm":
         return f"a {task} model: the shared prefix is for decoder-only causal LMs"
     if getattr(config, "is_encoder_decoder", False):
@@ -104,10 +111,11 @@ def compute_prefix(base, source, m: int, *, tasks: Optional[Tensor] = None, posi
     for each row's first token); otherwise only the backbone runs.
     """
     device = base.get_input_embeddings().weight.device
+    chosen = tasks  # given: always a bank's task ids (a (T, m, d) bank with T == len(tasks) is still a bank)
     if tasks is None:
         tasks = torch.zeros(1, dtype=torch.int64, device=device)
     plan = plan_prompts_only(tasks, m, position_offset=position_offset)
-    embeds = assemble(base.get_input_embeddings().weight, plan, source, backend=backend)
+    embeds = assemble(base.get_input_embeddings().weight, plan, source, task_ids=chosen, backend=backend)
     module = base if logits else base.base_model
     kwargs = dict(inputs_embeds=embeds, attention_mask=plan.attention_mask, position_ids=plan.position_ids,
                   use_cache=True, return_dict=True)
