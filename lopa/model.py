@@ -373,6 +373,10 @@ class PromptTunedModel(nn.Module):
             return bool(base.accepts_loss_kwargs)
         return accepts_var_keywords(base)
 
+    # The prompt is the trainable adapter on a frozen (possibly quantized) base: transformers'
+    # guard against training a quantized model with no adapter attached must not fire.
+    _hf_peft_config_loaded = True
+
     @property
     def loss_type(self):
         """``None``: transformers.Trainer then counts every label when it scales the loss by

@@ -69,3 +69,28 @@ def test_prompt_tuning_smollm2_loss_falls(smollm2):
     q = tokenizer(["English: cat\nFrench:", "English: water\nFrench:"], padding=True, return_tensors="pt")
     out = pt.generate(q["input_ids"], q["attention_mask"], max_new_tokens=3, do_sample=False)
     assert torch.equal(out[:, : q["input_ids"].shape[1]], q["input_ids"])
+
+
+def test_transformers_trainer_checkpoints_the_prompt_only(smollm2, tmp_path):
+    """The issue's scenario: Trainer with default settings on SmolLM2 (a GGUF-loaded base)."""
+    from transformers import Trainer, TrainingArguments
+
+    model, tokenizer = smollm2
+    ids, mask, labels = _batch(tokenizer)
+    examples = [dict(input_ids=i, attention_mask=m, labels=y) for i, m, y in zip(ids, mask, labels)]
+
+    def run(out, resume=None):
+        torch.manual_seed(0)
+        pt = lopa.PromptTunedModel.for_method(model, "ulpt", num_tokens=10, rank=2)
+        args = TrainingArguments(str(out), max_steps=2, per_device_train_batch_size=2, save_steps=1, logging_steps=1,
+                                 report_to=[], use_cpu=True, disable_tqdm=True, learning_rate=0.01)
+        trainer = Trainer(model=pt, args=args, train_dataset=examples)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, pt
+
+    trainer, pt = run(tmp_path / "a")
+    checkpoint = tmp_path / "a" / "checkpoint-1"
+    assert os.path.getsize(checkpoint / "model.safetensors") < 64_000  # the prompt, not 135 M base parameters
+    resumed, again = run(tmp_path / "b", resume=str(checkpoint))
+    assert trainer.state.log_history[1]["loss"] == resumed.state.log_history[1]["loss"]
+    assert all(torch.equal(a, b) for a, b in zip(pt.prompt.state_dict().values(), again.prompt.state_dict().values()))
