@@ -1,7 +1,8 @@
-"""Serving fuzz (issue 13): seeded random mixes of good and bad requests through assemble and
-generate on a tiny model.  Every request must come out either served -- its row and its tokens
-equal to serving it alone -- or as a RequestError with the code its defect calls for; nothing
-else (no exception, no wrong row, no bad request served)."""
+"""Serving fuzz (issue 13): seeded random mixes of good and bad requests through assemble,
+generate and classify on a tiny model.  Every request must come out either served -- its row,
+its tokens and its label probabilities equal to serving it alone -- or as a RequestError with
+the code its defect calls for; nothing else (no exception, no wrong row, no bad request
+served)."""
 import random
 
 import numpy as np
@@ -31,7 +32,14 @@ def _bank():
     bank.add("pt", _randomised(lopa.PromptTuning(4, D), 3))
     bank.add("lopa", _randomised(lopa.LoPAPrompt(3, D, 2, D, hidden=8, dropout=0.0), 4))
     bank.add("lopa-concat", _randomised(lopa.LoPAPrompt(2, D, 1, D, hidden=8, dropout=0.0, combine="concat"), 5))
+    for name in bank.names:
+        if name != UNLABELLED:
+            bank.set_label_words(name, LABELS)
     return bank
+
+
+LABELS = [5, 9, 11]
+UNLABELLED = "ulpt-long"  # classify() has no label words for it: its good requests get "no_labels"
 
 
 INT_DTYPES = [torch.int64, torch.int32, torch.int16, torch.uint8, torch.uint64]
@@ -213,4 +221,21 @@ def test_random_mixes_of_good_and_bad_requests():
                 assert len(c.token_ids) == limit and c.finish_reason == "length"
                 if not _encoded_by_the_bank(requests[c.index]):
                     assert bank.generate([requests[c.index]], **kw)[0].token_ids == c.token_ids, (step, c.index)
-    assert seen == {None} | {code for code in ERROR_CODES if code != "no_encoder"}  # every defect was drawn
+        _check_classify(bank, requests, batch, backend, alone=step % 2 == 0)
+    assert seen == {None} | {code for code in ERROR_CODES if code not in ("no_encoder", "no_labels")}  # every defect
+    assert bank.prefix_cache_info().hits > 0  # PT / ULPT rows went through the cached prefixes
+
+
+def _check_classify(bank, requests, batch, backend, alone):
+    """classify(): the same outcome per request, "no_labels" for the unlabelled task's good ones."""
+    expected = [(request, code if code or _as_request(request).task != UNLABELLED else "no_labels")
+                for request, code in batch]
+    out = bank.classify(requests, backend=backend)
+    assert [c.index for c in out] == list(range(len(requests)))
+    _check_outcomes([c.error for c in out if not c.ok], {c.index for c in out if c.ok}, expected)
+    for c in out:
+        if c.ok:
+            assert len(c.probs) == len(LABELS) and c.label_word == LABELS[c.label]
+            if alone:
+                single = bank.classify([requests[c.index]], backend=backend)[0]
+                torch.testing.assert_close(torch.tensor(c.probs), torch.tensor(single.probs), rtol=1e-5, atol=1e-6)

@@ -10,7 +10,11 @@ Three parts, data flowing one way (requests -> rows -> model inputs -> completio
 * serving: :meth:`PromptBank.parse` (requests -> validated rows and one error per bad
   request, :mod:`lopa.serving.requests`) and :meth:`PromptBank.build` (rows -> the model's
   inputs, :mod:`lopa.serving.assembly`); :meth:`PromptBank.assemble` is the two, and
-  :func:`lopa.serving.generation.generate` and :meth:`PromptBank.prompt_embeds` build on them.
+  :meth:`PromptBank.prompt_embeds` builds on them (the prompt in every row: for a model run
+  elsewhere, e.g. vLLM);
+* where the bank runs the model (:meth:`PromptBank.generate`, :meth:`PromptBank.classify`),
+  PT and ULPT rows attend to their task's prompt prefix, computed once per task and kept in
+  ``bank.prefix_cache`` (:mod:`lopa.serving.prefill`, :mod:`lopa.serving.prefix_cache`).
 
 See :mod:`lopa.serving` for the overview and README "Multi-task serving" for examples.
 """
@@ -24,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lopa.serving.assembly import build, resolve_backend
+from lopa.serving.prefix_cache import DEFAULT_BUDGET_BYTES, PrefixCache, PrefixCacheInfo
 from lopa.serving.registry import BankMemory, TaskRegistry, task_layout
 from lopa.serving.requests import ParsedRequests, Request, RequestError, Row, ServingBatch, parse
 
@@ -83,11 +88,17 @@ class PromptBank:
     grouped into sub-banks of one shape (:mod:`lopa.serving.store`), held by ``bank.registry``.
     Parameters are stored in ``dtype`` (float32 by default); prompts are computed in float32
     and cast once into the model's dtype.
+
+    ``prefix_cache_bytes`` (default 1 GiB): the budget of the per-task prompt prefixes that
+    :meth:`generate` and :meth:`classify` keep across calls (:meth:`prefix_cache_info`).
     """
 
     def __init__(self, dim: Optional[int] = None, *, device=None, dtype: torch.dtype = torch.float32,
                  model: Optional[nn.Module] = None, tokenizer=None, encoder=None, max_length: Optional[int] = None,
-                 pad_token_id: Optional[int] = None, backend: str = "auto"):
+                 pad_token_id: Optional[int] = None, backend: str = "auto",
+                 prefix_cache_bytes: int = DEFAULT_BUDGET_BYTES):
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)  # a bad budget fails first, before any work
+        self._refused_prefix: Optional[str] = None
         self.binding: Optional[ModelBinding] = None
         if model is not None:
             self.binding = ModelBinding.of(model, encoder)
@@ -111,19 +122,21 @@ class PromptBank:
 
     @classmethod
     def for_model(cls, model: nn.Module, tokenizer=None, *, encoder=None, max_length: Optional[int] = None,
-                  dtype: torch.dtype = torch.float32, backend: str = "auto") -> "PromptBank":
+                  dtype: torch.dtype = torch.float32, backend: str = "auto",
+                  prefix_cache_bytes: int = DEFAULT_BUDGET_BYTES) -> "PromptBank":
         """A bank bound to a Hugging Face model (its width, device, embeddings, pad token, length limit).
 
         ``encoder`` (LoPA only): an :class:`lopa.InstanceEncoder`, a model or a local folder;
         default: the model itself with last-token pooling.  ``max_length`` defaults to the
         model's ``max_position_embeddings`` (prompt rows + tokens + new tokens must fit).
+        ``prefix_cache_bytes``: the budget of the cached prompt prefixes (see the class).
         """
         from lopa.model import PromptTunedModel
 
         if isinstance(model, PromptTunedModel):
             model = model.base_model
         return cls(model=model, tokenizer=tokenizer, encoder=encoder, max_length=max_length, dtype=dtype,
-                   backend=backend)
+                   backend=backend, prefix_cache_bytes=prefix_cache_bytes)
 
     @classmethod
     def from_pretrained(cls, directories, model: nn.Module, tokenizer=None, **kwargs) -> "PromptBank":
@@ -225,8 +238,57 @@ class PromptBank:
         return self.registry.prompt(name, pooled)
 
     def memory(self) -> BankMemory:
-        """Bytes held, per method, against vanilla prompt tuning: :meth:`TaskRegistry.memory`."""
-        return self.registry.memory()
+        """Bytes held, per method, against vanilla prompt tuning (:meth:`TaskRegistry.memory`),
+        and, for a bank bound to a model, the prefix cache (``memory().prefix_cache``)."""
+        held = self.registry.memory()
+        if self.binding is not None:
+            held.prefix_cache = self.prefix_cache_info()
+        return held
+
+    def set_label_words(self, name: str, words) -> None:
+        """Register task ``name``'s verbalizer for :meth:`classify`: :meth:`TaskRegistry.set_label_words`."""
+        self.registry.set_label_words(name, words)
+
+    def label_words(self, name: str) -> Optional[tuple]:
+        """Task ``name``'s registered verbalizer, or ``None``."""
+        return self.registry.label_words(name)
+
+    # ------------------------------------------------------------------ the prefix cache
+    def prefix_unsupported_reason(self) -> Optional[str]:
+        """Why the bound model cannot take a task's prompt as a cached prefix (``None``: it can;
+        PT and ULPT rows of :meth:`generate` / :meth:`classify` then use one)."""
+        from lopa.hf import detect_task
+        from lopa.prefix import model_unsupported_reason
+
+        if self.binding is None:
+            return "the bank is not bound to a model"
+        if self._refused_prefix is not None:
+            return self._refused_prefix
+        return model_unsupported_reason(self.model, detect_task(self.model))
+
+    def refuse_prefix(self, reason: str) -> None:
+        """Record that the model refused a prefix at run time (its cache is not a plain
+        full-attention cache): later calls use the inline layout without trying again."""
+        self._refused_prefix = reason
+        self.prefix_cache.clear()
+
+    def prefix_cache_info(self) -> PrefixCacheInfo:
+        """Budget, bytes held, tasks, hits / misses, evictions, invalidations of the prefix cache
+        (the prefixes of tasks replaced or removed since are dropped first)."""
+        self.prefix_cache.prune(self.registry)
+        return self.prefix_cache.info(self.prefix_unsupported_reason())
+
+    def clear_prefix_cache(self) -> None:
+        """Drop every cached prefix (they are recomputed when next needed)."""
+        self.prefix_cache.clear()
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return self.prefix_cache.budget_bytes
+
+    @prefix_cache_bytes.setter
+    def prefix_cache_bytes(self, value: int) -> None:
+        self.prefix_cache.budget_bytes = value
 
     estimate_bytes = staticmethod(TaskRegistry.estimate_bytes)
 
@@ -269,16 +331,54 @@ class PromptBank:
             empty = torch.empty(0, 0, dtype=torch.int64, device=self.device)
             return ServingBatch(torch.empty(0, 0, self.dim, dtype=table.dtype, device=self.device), empty, empty,
                                 [], [], [], [], [])
-        pad = self.pad_token_id if self.pad_token_id is not None else 0
-        if embed is None and not 0 <= pad < table.shape[0]:
-            pad = 0
-        offset, pad_position = (0, None) if self.binding is None else \
-            (self.binding.position_offset, self.binding.pad_position)
+        pad, offset, pad_position = self._layout_args(table, embed)
         with torch.no_grad():
             return build(rows, table=table, embed=embed, pad_id=pad, position_offset=offset,
                          pad_position=pad_position, padding_side=padding_side,
-                         backend=resolve_backend(backend or self.backend, self.device), pooled_fn=self._pooled,
-                         flat_ids=flat_ids)
+                         backend=self.assembly_backend(backend), pooled_fn=self._pooled, flat_ids=flat_ids)
+
+    def build_tokens(self, rows: List[Row], *, backend: Optional[str] = None) -> ServingBatch:
+        """The rows' tokens alone, left-padded, positions counted from the model's first
+        position: the rows of :meth:`build` without their prompts (a prompt elsewhere -- a
+        cached prefix -- or none)."""
+        from lopa.assemble import assemble
+        from lopa.layout import plan_requests
+
+        table, embed = self.embedding_table()
+        pad, offset, pad_position = self._layout_args(table, embed)
+        lengths = [r.ids.shape[0] for r in rows]
+        ids = torch.cat([r.ids for r in rows]).to(self.device)
+        with torch.no_grad():
+            if embed is not None:  # scaled / custom embeddings: the module embeds the batch's tokens and the pad
+                table = embed(torch.cat([ids, ids.new_full((1,), pad)]))
+                pad, ids = ids.numel(), torch.arange(ids.numel(), device=self.device)
+            plan = plan_requests(lengths, [0] * len(rows), ids, pad_id=pad, position_offset=offset,
+                                 pad_position=pad_position)
+            embeds = assemble(table, plan, None, backend=self.assembly_backend(backend))
+        width = embeds.shape[1]
+        return ServingBatch(embeds, plan.attention_mask, plan.position_ids, [r.index for r in rows],
+                            [r.task for r in rows], [0] * len(rows), lengths, [width - n for n in lengths])
+
+    def assembly_backend(self, backend: Optional[str] = None) -> str:
+        """The kernel family serving assembles with (``backend`` or the bank's, resolved)."""
+        return resolve_backend(backend or self.backend, self.device)
+
+    def pad_inputs(self) -> tuple:
+        """``(embedding (d,), position id)`` of a pad position."""
+        table, embed = self.embedding_table()
+        pad, offset, pad_position = self._layout_args(table, embed)
+        with torch.no_grad():
+            row = table[pad] if embed is None else embed(torch.tensor([pad], device=self.device))[0]
+        return row, offset if pad_position is None else pad_position
+
+    def _layout_args(self, table: Tensor, embed) -> tuple:
+        """``(pad id, position offset, pad position)`` of the bank's batches."""
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        if embed is None and not 0 <= pad < table.shape[0]:
+            pad = 0
+        if self.binding is None:
+            return pad, 0, None
+        return pad, self.binding.position_offset, self.binding.pad_position
 
     def _can_encode(self, value, sub) -> Optional[str]:
         """Why the bank cannot compute LoPA's pooled vector for this input (``None`` if it can)."""
@@ -370,7 +470,10 @@ class PromptBank:
 
         This is what vLLM's prompt-embeddings input takes (``LLM(..., enable_prompt_embeds=True)``
         then ``llm.generate({"prompt_embeds": bank.prompt_embeds(task, ids)})``); it is in the
-        model's dtype on the bank's device.  Raises ``ValueError`` for a bad request.
+        model's dtype on the bank's device.  A PT / ULPT task's ``m`` prompt rows are bitwise
+        the same in every request, batch and call (tested), so vLLM's prefix cache
+        (``enable_prefix_caching=True``) reuses their keys and values.  Raises ``ValueError``
+        for a bad request.
         """
         batch = self.assemble([Request(task, tokens, pooled=pooled)], embedding_weight=embedding_weight)
         if batch.errors:
@@ -392,11 +495,23 @@ class PromptBank:
     def generate(self, requests: Sequence, *, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  eos_token_id=None, max_batch_size: Optional[int] = None, progress: Optional[bool] = None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, prompt_layout: str = "auto"):
         """Generate completions for a mixed batch with the bound causal LM; see
-        :func:`lopa.serving.generation.generate`."""
+        :func:`lopa.serving.generation.generate`.  ``prompt_layout``: ``"auto"`` (PT / ULPT
+        rows behind their task's cached prefix where the model allows it), ``"prefix"``
+        (the same, an error where it does not) or ``"inline"`` (every prompt in its row)."""
         from lopa.serving.generation import generate
 
         return generate(self, requests, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
-                        max_batch_size=max_batch_size, progress=progress, backend=backend)
+                        max_batch_size=max_batch_size, progress=progress, backend=backend,
+                        prompt_layout=prompt_layout)
+
+    def classify(self, requests: Sequence, label_words=None, *, max_batch_size: Optional[int] = None,
+                 progress: Optional[bool] = None, backend: Optional[str] = None, prompt_layout: str = "auto"):
+        """Label probabilities of a mixed batch at each request's last token, from the label
+        words' logits only; see :func:`lopa.serving.classify.classify`."""
+        from lopa.serving.classify import classify
+
+        return classify(self, requests, label_words, max_batch_size=max_batch_size, progress=progress,
+                        backend=backend, prompt_layout=prompt_layout)

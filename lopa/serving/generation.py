@@ -1,6 +1,7 @@
 """Batch generation for a mixed-task batch on a Hugging Face causal LM, with the KV cache.
 
-One prefill of the assembled batch (:meth:`lopa.PromptBank.assemble`, left padding), then
+One prefill of the batch (:func:`lopa.serving.prefill.prefill`, left padding: PT / ULPT rows
+behind their task's cached prompt prefix, the other rows with their prompt inline), then
 one decode step per new token for all rows, feeding each row's token, its attention mask
 and position (``last + 1``) and the cache back -- the loop Hugging Face's ``generate`` runs,
 written out so that every request can carry its own sampling stream.
@@ -34,9 +35,10 @@ import torch
 from torch import Tensor
 
 from lopa.hf import accepts, is_encoder_decoder
+from lopa.serving.prefill import Prefill, cache_argument, check_layout, prefill
 from lopa.serving.requests import RequestError, Row, count_problem, seed_problem
 
-__all__ = ["Completion", "generate", "gumbel_noise", "filter_scores"]
+__all__ = ["Completion", "generate", "decode", "gumbel_noise", "filter_scores", "request_seed"]
 
 _M32 = 0xFFFFFFFF
 
@@ -137,14 +139,15 @@ def _eos_ids(model, eos_token_id) -> List[int]:
 def generate(bank, requests: Sequence, *, max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id=None,
              max_batch_size: Optional[int] = None, progress: Optional[bool] = None,
-             backend: Optional[str] = None) -> List[Completion]:
+             backend: Optional[str] = None, prompt_layout: str = "auto") -> List[Completion]:
     """Completions for ``requests`` (``(task, input)`` pairs or :class:`lopa.serving.Request` s), in order.
 
     Greedy (``do_sample=False``) or sampling with ``temperature``, ``top_k``, ``top_p`` and a
     per-request ``seed`` (see the module docstring).  Bad requests get a :class:`Completion`
     with ``error`` set; the others are served.  ``max_batch_size`` splits the valid requests
     into batches of at most that many (a progress bar shows them when ``progress`` is true,
-    or by default with more than one batch).
+    or by default with more than one batch).  ``prompt_layout``: see
+    :func:`lopa.serving.prefill.prefill`.
     """
     model = bank.model
     if model is None:
@@ -155,6 +158,7 @@ def generate(bank, requests: Sequence, *, max_new_tokens: int = 32, do_sample: b
     if not hasattr(model, "generate") and not hasattr(model, "lm_head"):
         raise ValueError(f"{type(model).__name__} is not a causal LM")
     _check_args(max_new_tokens, temperature, top_k, top_p, seed, max_batch_size)
+    check_layout(prompt_layout)
     rows, errors, _ = bank.parse(requests, new_tokens=int(max_new_tokens))
     results: List[Optional[Completion]] = [None] * (len(rows) + len(errors))
     for e in errors:
@@ -169,9 +173,9 @@ def generate(bank, requests: Sequence, *, max_new_tokens: int = 32, do_sample: b
     model.eval()
     try:
         for chunk in tqdm(chunks, desc="generating", unit="batch", disable=not show):
-            batch = bank.build(chunk, padding_side="left", backend=backend)
-            tokens = _decode(bank, batch, chunk, do_sample=do_sample, temperature=float(temperature), top_k=top_k,
-                             top_p=float(top_p), seed=seed, eos=eos)
+            start = prefill(bank, chunk, prompt_layout, backend)
+            tokens = decode(bank, start, chunk, do_sample=do_sample, temperature=float(temperature), top_k=top_k,
+                            top_p=float(top_p), seed=seed, eos=eos)
             for b, r in enumerate(chunk):
                 out = tokens[b][: r.new_tokens]
                 reason = "length"
@@ -203,26 +207,27 @@ def request_seed(row: Row, seed: int) -> int:
 
 
 @torch.no_grad()
-def _decode(bank, batch, chunk: List[Row], *, do_sample: bool, temperature: float, top_k: int, top_p: float,
-            seed: int, eos: List[int]) -> List[List[int]]:
+def decode(bank, start: Prefill, chunk: List[Row], *, do_sample: bool = False, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos: Sequence[int] = ()) -> List[List[int]]:
+    """The new tokens of ``chunk`` (each up to its ``new_tokens``) from the prefill ``start``:
+    the prefill forward, then one step per token for every row still going."""
     model = bank.model
-    device = batch.inputs_embeds.device
+    device = start.inputs_embeds.device
     limits = [r.new_tokens for r in chunk]
     steps = max(limits)
     seeds = [request_seed(r, seed) for r in chunk]
     limit_t = torch.tensor(limits, device=device)
-    eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
+    eos_t = torch.tensor(list(eos), dtype=torch.int64, device=device)
     pad = bank.pad_token_id if bank.pad_token_id is not None else 0
-    mask = batch.attention_mask
-    kwargs = dict(inputs_embeds=batch.inputs_embeds, attention_mask=mask, use_cache=True)
-    if bank.binding.passes_position_ids:
-        kwargs["position_ids"] = batch.position_ids
+    mask = start.attention_mask
+    kwargs = start.model_inputs(model, bank.binding.passes_position_ids)
+    kwargs["use_cache"] = True
     if accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
-    cache_arg = "cache" if accepts(model, "cache") else "past_key_values"
+    cache_arg = cache_argument(model)
     out = model(**kwargs)
     past = _cache_of(out)
-    position = batch.position_ids[:, -1:]
+    position = start.position_ids[:, -1:]
     done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
     produced = []
     for step in range(steps):

@@ -66,6 +66,9 @@ class BankMemory:
     tasks_by_method: Dict[str, int] = field(default_factory=dict)
     projection_bytes: int = 0  # the shared ULPT projections P (one per (rank, seed, init))
     pt_equivalent_bytes: int = 0  # vanilla prompt tuning holding the same prompt lengths
+    # A bank bound to a model: its per-task prompt prefixes (lopa.serving.prefix_cache.PrefixCacheInfo;
+    # their bytes are not in ``bytes``, which counts the task parameters).
+    prefix_cache: Any = None
 
     @property
     def gb(self) -> float:
@@ -73,8 +76,9 @@ class BankMemory:
 
     def __str__(self) -> str:
         parts = ", ".join(f"{k}: {self.tasks_by_method[k]} tasks {v / 1e6:.2f} MB" for k, v in self.by_method.items())
-        return (f"{self.tasks} tasks, {self.bytes / 1e6:.2f} MB live ({self.reserved_bytes / 1e6:.2f} MB reserved; "
+        text = (f"{self.tasks} tasks, {self.bytes / 1e6:.2f} MB live ({self.reserved_bytes / 1e6:.2f} MB reserved; "
                 f"{parts}); as vanilla prompt tuning: {self.pt_equivalent_bytes / 1e6:.2f} MB")
+        return text if self.prefix_cache is None else f"{text}; {self.prefix_cache}"
 
 
 def _check_dim(dim) -> int:
@@ -102,6 +106,12 @@ class TaskRegistry:
         self._subs: Dict[tuple, SubBank] = {}
         self._tasks: Dict[str, list] = {}  # name -> [sub-bank, task id]
         self._projections: Dict[tuple, Tensor] = {}
+        # Every write of a task's parameters gets a fresh number, so whatever was computed
+        # from a task (a cached prompt prefix) can tell that it is stale.
+        self._clock = itertools.count(1)
+        self._revisions: Dict[str, int] = {}
+        self._label_words: Dict[str, tuple] = {}
+        self.version = 0  # the registry's latest revision (0: nothing written yet)
 
     # ------------------------------------------------------------------ contents
     def __len__(self) -> int:
@@ -129,6 +139,37 @@ class TaskRegistry:
         the next ``remove`` (which moves the sub-bank's last task into the freed row)."""
         entry = self._tasks.get(name)
         return None if entry is None else (entry[0], entry[1])
+
+    def revision(self, name: str) -> int:
+        """A number that changes whenever task ``name``'s parameters are written (added or
+        replaced), unique over the registry's life; compare it with :attr:`version` (the
+        latest revision of any task, or of a removal) to notice any change at all."""
+        return self._revisions[self._known(name)]
+
+    def _known(self, name: str) -> str:
+        self._entry(name)
+        return name
+
+    def _touch(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.version = self._revisions[name] = next(self._clock)
+
+    def set_label_words(self, name: str, words: Optional[Sequence[Union[str, int]]]) -> None:
+        """Register task ``name``'s verbalizer for :meth:`lopa.PromptBank.classify`: label ``k``
+        is ``words[k]``, a word (scored by its first token, as
+        :class:`lopa.training.tasks.ClassificationTask` does) or a token id.  ``None`` forgets
+        it.  Kept when the task is replaced, dropped when it is removed."""
+        from lopa.serving.labels import check_label_words
+
+        self._known(name)
+        if words is None:
+            self._label_words.pop(name, None)
+        else:
+            self._label_words[name] = check_label_words(words, f"the label words of task {name!r}")
+
+    def label_words(self, name: str) -> Optional[tuple]:
+        """Task ``name``'s registered verbalizer (:meth:`set_label_words`), or ``None``."""
+        return self._label_words.get(self._known(name))
 
     def info(self, name: str) -> dict:
         """``method``, ``num_virtual_tokens``, ``config``, sub-bank key and ``task_id`` of a task
@@ -236,7 +277,7 @@ class TaskRegistry:
                 sub.write(entry[1], {f: t[i] for f, t in checked.items()})
                 continue
             if entry is not None:
-                self.remove(name)
+                self._drop(name)  # replaced by a task of another shape: its label words stay
             fresh.append(name)
             fresh_rows.append(i)
         if fresh:
@@ -247,6 +288,7 @@ class TaskRegistry:
             first = sub.append(fresh, block)
             for k, name in enumerate(fresh):
                 self._tasks[name] = [sub, first + k]
+        self._touch(names)
 
     def _checked_values(self, names: List[str], method: str, fields: Dict[str, Tuple[int, ...]],
                         values: Dict[str, Tensor]) -> Dict[str, Tensor]:
@@ -287,10 +329,16 @@ class TaskRegistry:
         self.add(name, prompt, replace=True)
 
     def remove(self, name: str) -> None:
-        """Remove task ``name`` (its row is refilled by the sub-bank's last task)."""
+        """Remove task ``name`` (its row is refilled by the sub-bank's last task) and its label words."""
+        self._drop(name)
+        self._label_words.pop(name, None)
+
+    def _drop(self, name: str) -> None:
         sub, task_id = self._entry(name)
         moved = sub.pop(task_id)
         del self._tasks[name]
+        del self._revisions[name]
+        self.version = next(self._clock)
         if moved is not None:
             self._tasks[moved][1] = task_id
         if sub.count == 0:

@@ -27,7 +27,7 @@ __all__ = ["Request", "RequestError", "ServingBatch", "ERROR_CODES", "Row", "Par
            "token_ids", "seed_problem", "count_problem"]
 
 ERROR_CODES = ("bad_request", "unknown_task", "bad_input", "no_tokenizer", "empty_input", "too_long", "bad_token",
-               "no_encoder")
+               "no_encoder", "no_labels")  # no_labels: classify() without label words for the task
 
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 # A seed is hashed as 64 bits: any int64 or uint64 value, nothing that would alias another.
