@@ -84,7 +84,7 @@ import torch
 from torch import Tensor, nn
 
 from lopa._validation import INT_DTYPES, require_float_dtype, require_ndim, require_size, require_tensor, shape_str
-from lopa.assemble import AssembledInputs, assemble_inputs, left_align
+from lopa.assemble import AssembledInputs, assemble, assemble_inputs, insert_virtual, left_align, take_positions
 from lopa.encoders import resolve_encoder, saved_encoder, shares_model
 from lopa.hf import (
     accepts,
@@ -99,7 +99,10 @@ from lopa.hf import (
     model_position_offset,
     reads_last_position,
 )
+from lopa.layout import first_token_index, plan_packed
 from lopa.modules import LoPAPrompt, PromptModule, PromptTuning, ULPTPrompt
+from lopa.packing import PACKED_KEYS, PackedSequences, block_attention_mask, looks_packed, parse_packed
+from lopa.prefix import PrefixUnsupported, causal_lm_loss, compute_prefix, row_inputs, rows_cache, unsupported_reason
 from lopa.saved import (
     CONFIG_NAME,
     EXTRA_STATE_KEY,
@@ -128,6 +131,7 @@ __all__ = ["PromptTunedModel", "PromptConfig", "CONFIG_NAME", "WEIGHTS_NAME", "F
            "read_config", "read_weights", "model_position_offset"]
 
 ADAPTER_NAME = "default"
+PROMPT_LAYOUTS = ("auto", "shared_prefix", "inline")
 PEFT_TYPES = {"pt": "PROMPT_TUNING", "ulpt": "ULPT", "lopa": "LOPA"}
 
 # Base-model methods that would act on the base alone (or on PEFT adapters it does not hold):
@@ -186,6 +190,11 @@ def _require_shape(name: str, t, shape: tuple, what: str) -> None:
         raise ValueError(f"{name} must have {what} {tuple(shape)}, got {shape_str(t)}")
 
 
+def _holds_cache(kwargs: dict) -> bool:
+    """The caller passes its own KV cache (continuing a sequence): the prompt is already in it."""
+    return kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
+
+
 def _require_ids_in_range(name: str, ids: Tensor, size: int, what: str) -> None:
     lo, hi = (int(v) for v in torch.aminmax(ids))
     if lo < 0 or hi >= size:
@@ -197,7 +206,7 @@ class PromptTunedModel(nn.Module):
     """A frozen Hugging Face model with a trainable soft prompt; see the module docstring."""
 
     def __init__(self, base_model: nn.Module, prompt: PromptModule, encoder=None, *, tokenizer=None,
-                 left_align: Optional[bool] = None, assembly_backend: str = "auto"):
+                 left_align: Optional[bool] = None, assembly_backend: str = "auto", prompt_layout: str = "auto"):
         super().__init__()
         if not isinstance(base_model, nn.Module) or not hasattr(base_model, "get_input_embeddings"):
             raise TypeError(
@@ -248,6 +257,8 @@ class PromptTunedModel(nn.Module):
         self.left_align = bool(left_align)
         self._warned_position_ids = False
         self._adapter_disabled = False
+        self._prefix_failure = None
+        self.prompt_layout = prompt_layout
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -631,6 +642,9 @@ class PromptTunedModel(nn.Module):
         if kwargs.get("shift_labels") is not None:
             raise ValueError("shift_labels: pass labels (B, L) for the input tokens; the prompt positions shift them, "
                              "so PromptTunedModel builds the shifted labels itself")
+        if looks_packed(input_ids, position_ids, kwargs):
+            return self._returned(self._forward_packed(input_ids, position_ids, attention_mask, labels, pooled, kwargs),
+                                  return_dict)
         if position_ids is not None and not self._warned_position_ids:
             warnings.warn("PromptTunedModel computes position_ids itself (over real tokens); the ones passed are ignored",
                           stacklevel=2)
@@ -638,6 +652,12 @@ class PromptTunedModel(nn.Module):
         self._check_inputs(input_ids, attention_mask, inputs_embeds=inputs_embeds, labels=labels,
                            token_type_ids=token_type_ids, pooled=pooled, encoder_input_ids=encoder_input_ids,
                            encoder_attention_mask=encoder_attention_mask, example_ids=example_ids)
+        # TRL's fused LM head computes the loss from the labels itself: it gets the inline layout.
+        if (self.prompt_layout == "shared_prefix" and token_type_ids is None and not _holds_cache(kwargs)
+                and not kwargs.get("fused_lm_head")):
+            output = self._forward_shared_prefix(input_ids, attention_mask, labels, inputs_embeds, dict(kwargs))
+            if output is not None:
+                return self._returned(output, return_dict)
         pooled = self._instance_vectors(input_ids, attention_mask, pooled, encoder_input_ids, encoder_attention_mask,
                                         example_ids)
         seq2seq = self.task == "seq2seq_lm"
@@ -660,6 +680,9 @@ class PromptTunedModel(nn.Module):
             model_kwargs["labels"] = asm.insert(labels, -100) if per_token_labels else labels
         # A ModelOutput to find the token-level tensors by name; a tuple only at the end.
         output = self._strip_virtual(self.base_model(**model_kwargs, return_dict=True), asm, seq2seq)
+        return self._returned(output, return_dict)
+
+    def _returned(self, output, return_dict: Optional[bool]):
         if return_dict is None:
             return_dict = getattr(self.base_model.config, "return_dict", True)
         return output if return_dict else output.to_tuple()
@@ -680,6 +703,216 @@ class PromptTunedModel(nn.Module):
                 continue
             output[key] = tuple(strip(t) for t in value) if isinstance(value, tuple) else strip(value)
         return output
+
+    # ------------------------------------------------------------------ prompt layouts
+    @property
+    def prompt_layout(self) -> str:
+        """How the prompt reaches the model in ``forward`` / ``generate``: ``"shared_prefix"`` (PT
+        and ULPT on a decoder-only causal LM: the prompt runs once per batch and every row attends
+        to its cached keys and values, :mod:`lopa.prefix`) or ``"inline"`` (the prompt rows are
+        placed in every row's ``inputs_embeds``).  Set it to ``"auto"`` (default: the shared prefix
+        wherever it applies), ``"shared_prefix"`` (raises where it cannot apply) or ``"inline"``;
+        :attr:`prompt_layout_reason` says why ``auto`` chose the inline layout."""
+        if self._requested_layout == "inline" or self.prompt_layout_reason is not None:
+            return "inline"
+        return "shared_prefix"
+
+    @prompt_layout.setter
+    def prompt_layout(self, layout: str) -> None:
+        if layout not in PROMPT_LAYOUTS:
+            raise ValueError(f"prompt_layout must be one of {', '.join(map(repr, PROMPT_LAYOUTS))}, got {layout!r}")
+        if layout == "shared_prefix":
+            reason = unsupported_reason(self.base_model, self.prompt, self.task)
+            if reason is not None:
+                raise ValueError(f"prompt_layout='shared_prefix' cannot apply to this model: {reason}")
+        self._requested_layout = layout
+        self._prefix_failure = None
+
+    @property
+    def prompt_layout_reason(self) -> Optional[str]:
+        """Why the shared prefix does not apply (``None`` when it does, or when ``inline`` was asked for)."""
+        if self._requested_layout == "inline":
+            return None
+        return unsupported_reason(self.base_model, self.prompt, self.task) or self._prefix_failure
+
+    def _shared_prefix(self, logits: bool):
+        offset, _ = self._position
+        return compute_prefix(self.base_model, self.prompt.prompt_source(), self.num_virtual_tokens,
+                              position_offset=offset, backend=self.assembly_backend, logits=logits)
+
+    def _prefix_or_none(self, logits: bool):
+        """The shared prefix of this batch, or ``None`` when ``auto`` finds the model refuses a
+        prefix cache at run time (remembered: the inline layout runs from then on)."""
+        try:
+            return self._shared_prefix(logits)
+        except PrefixUnsupported as exc:
+            if self._requested_layout == "shared_prefix":
+                raise ValueError(f"prompt_layout='shared_prefix' cannot apply to this model: {exc}") from None
+            self._prefix_failure = str(exc)
+            return None
+
+    @staticmethod
+    def _cache_kwargs(module, cache) -> dict:
+        return {"cache" if accepts(module, "cache") else "past_key_values": cache}
+
+    def _forward_shared_prefix(self, input_ids, attention_mask, labels, inputs_embeds, kwargs):
+        """``forward`` of a padded batch behind the shared prefix; ``None`` to fall back to inline."""
+        state = self._prefix_or_none(logits=labels is not None)
+        if state is None:
+            return None
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        batch, length = tokens.shape[:2]
+        if input_ids is not None:
+            self._check_token_range(input_ids)
+        offset, pad = self._position
+        full_mask, positions = row_inputs(state.length, attention_mask, batch, length, tokens.device, offset, pad)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        kwargs.setdefault("use_cache", False)
+        rows = dict(input_ids=input_ids) if input_ids is not None else dict(inputs_embeds=inputs_embeds)
+        output = self.base_model(**rows, attention_mask=full_mask, position_ids=positions, return_dict=True,
+                                 **self._cache_kwargs(self.base_model, rows_cache(state, self.base_model.config, None, batch)),
+                                 **kwargs)
+        if labels is None:
+            return output
+        masked = labels if attention_mask is None else labels.masked_fill(attention_mask == 0, -100)
+        starts = first_token_index(attention_mask, batch, length, tokens.device)
+        at = (torch.arange(batch, device=tokens.device), starts)
+        loss = causal_lm_loss(state.first_logits.expand(batch, -1), at, output.logits, masked, num_items)
+        return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
+
+    def _check_token_range(self, input_ids: Tensor) -> None:
+        weight = self.base_model.get_input_embeddings().weight
+        if not torch.compiler.is_compiling():
+            _require_ids_in_range("input_ids", input_ids, weight.shape[0], "the embedding table")
+
+    def _forward_packed(self, input_ids, position_ids, attention_mask, labels, pooled, kwargs):
+        """``forward`` of a padding-free packed batch (``transformers.DataCollatorWithFlattening``)."""
+        seqs = self._parse_packed(input_ids, position_ids, attention_mask, labels, pooled, kwargs)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        kwargs.setdefault("use_cache", False)
+        state = self._prefix_or_none(logits=labels is not None) if self.prompt_layout == "shared_prefix" else None
+        if state is not None:
+            output = self._packed_rows(self.base_model, input_ids, position_ids, seqs, state, kwargs)
+            if labels is None:
+                return output
+            at = (torch.zeros_like(seqs.starts), seqs.starts)
+            first = state.first_logits.expand(seqs.count, -1)
+            loss = causal_lm_loss(first, at, output.logits, labels, num_items)
+            return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
+        pooled = self._packed_instance_vectors(input_ids, seqs, pooled)
+        embeds, plan = self._packed_embeds(input_ids, seqs, pooled)
+        mask = self._block_mask(plan.position_block[0], None, embeds.dtype)
+        if labels is not None:
+            kwargs["labels"] = insert_virtual(labels, plan.token_positions, plan.length, -100)
+        if num_items is not None:
+            kwargs["num_items_in_batch"] = num_items
+        output = self.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=plan.position_ids,
+                                 return_dict=True, **kwargs)
+        for key in ("logits", "hidden_states"):
+            value = output.get(key)
+            if value is not None:
+                strip = lambda t: take_positions(t, plan.token_positions, False)  # noqa: E731
+                output[key] = tuple(strip(t) for t in value) if isinstance(value, tuple) else strip(value)
+        return output
+
+    def _parse_packed(self, input_ids, position_ids, attention_mask, labels, pooled, kwargs) -> PackedSequences:
+        if self.task != "causal_lm":
+            raise ValueError(f"packed batches (position_ids restarting at 0) are for causal LMs; this is a {self.task} "
+                             "model: pad the batch instead")
+        require_tensor("input_ids", input_ids)
+        _require_integer("input_ids", input_ids)
+        boundaries = {k: kwargs.pop(k) for k in PACKED_KEYS if k in kwargs}
+        seqs = parse_packed(input_ids, position_ids, attention_mask=attention_mask, max_tokens=length_limit(
+            self.base_model), prompt_rows=self.num_virtual_tokens, **boundaries)
+        self._check_token_range(input_ids)
+        if labels is not None:
+            _require_shape("labels", labels, tuple(input_ids.shape), "the shape of the packed input_ids")
+            _require_integer("labels", labels)
+        if self.prompt.needs_encoder and pooled is not None:
+            _require_shape("pooled", pooled, (seqs.count, self.prompt.encoder_dim),
+                           "one encoder vector per packed sequence")
+        implementation = getattr(self.base_model.config, "_attn_implementation", "eager")
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(f"packed batches need attn_implementation 'sdpa' or 'eager' (a block mask per sequence); "
+                             f"the model uses {implementation!r}")
+        return seqs
+
+    def _block_mask(self, blocks: Tensor, prefix_keys: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+        additive = getattr(self.base_model.config, "_attn_implementation", "eager") == "eager"
+        return block_attention_mask(blocks, blocks, prefix_keys, dtype=dtype, additive=additive)
+
+    def _packed_rows(self, module, input_ids, position_ids, seqs, state, kwargs):
+        """``module`` run on a packed row behind the shared prefix (each sequence sees the prefix and itself)."""
+        offset, _ = self._position
+        dtype = self.base_model.get_input_embeddings().weight.dtype
+        prefix_keys = torch.ones(seqs.total, state.length, dtype=torch.bool, device=input_ids.device)
+        mask = self._block_mask(seqs.sequence_of_token, prefix_keys, dtype)
+        positions = position_ids.to(torch.int64) + state.length + offset
+        return module(input_ids=input_ids, attention_mask=mask, position_ids=positions, return_dict=True,
+                      **self._cache_kwargs(module, rows_cache(state, self.base_model.config, None, 1)), **kwargs)
+
+    def _packed_instance_vectors(self, input_ids, seqs: PackedSequences, pooled):
+        """LoPA's encoder vector per packed sequence: ``pooled`` as given, or the encoder run on the
+        sequences unpacked into a right-padded batch."""
+        if not self.prompt.needs_encoder or pooled is not None:
+            return pooled
+        if not self.encoder_is_base and self.encoder.vocab_size != getattr(self.base_model.config, "vocab_size", None):
+            raise ValueError("a packed LoPA batch needs pooled= (one encoder vector per sequence): the encoder has "
+                             "its own vocabulary")
+        width = seqs.longest
+        k = torch.arange(width, device=input_ids.device)
+        index = (seqs.starts[:, None] + k[None, :]).clamp(max=seqs.total - 1)
+        mask = (k[None, :] < seqs.lengths[:, None]).to(torch.int64)
+        return self.encoder(input_ids[0][index] * mask, mask)
+
+    def _packed_embeds(self, input_ids, seqs: PackedSequences, pooled):
+        embedding = self.base_model.get_input_embeddings()
+        table, token_ids = embedding.weight, input_ids
+        if not is_plain_embedding(embedding):  # scaled / custom embeddings: embed the tokens first
+            table = embedding(input_ids)[0]
+            token_ids = torch.arange(seqs.total, device=input_ids.device)[None]
+        offset, _ = self._position
+        plan = plan_packed(token_ids, seqs.starts, seqs.lengths, self.num_virtual_tokens, position_offset=offset)
+        embeds = assemble(table, plan, self.prompt.prompt_source(pooled), backend=self.assembly_backend)
+        return embeds, plan
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *,
+                      position_ids: Optional[Tensor] = None, pooled: Optional[Tensor] = None, **packed) -> Tensor:
+        """The backbone's last hidden states at the input's own tokens, without the LM head.
+
+        A padded ``(B, L)`` batch gives ``(B, L, D)``; a packed one (``position_ids`` restarting at 0
+        per sequence, as in :meth:`forward`) ``(1, N, D)``.  The prompt reaches the model as
+        :attr:`prompt_layout` says.  What the trainer's tasks score (the verbalizer's last token,
+        the completion positions) without a ``(B, L, V)`` logits tensor.
+        """
+        backbone = self.base_model.base_model
+        if looks_packed(input_ids, position_ids, packed):
+            seqs = self._parse_packed(input_ids, position_ids, attention_mask, None, pooled, packed)
+            state = self._prefix_or_none(logits=False) if self.prompt_layout == "shared_prefix" else None
+            if state is not None:
+                return self._packed_rows(backbone, input_ids, position_ids, seqs, state, {"use_cache": False}) \
+                    .last_hidden_state
+            pooled = self._packed_instance_vectors(input_ids, seqs, pooled)
+            embeds, plan = self._packed_embeds(input_ids, seqs, pooled)
+            out = backbone(inputs_embeds=embeds, attention_mask=self._block_mask(plan.position_block[0], None, embeds.dtype),
+                           position_ids=plan.position_ids, use_cache=False, return_dict=True)
+            return take_positions(out.last_hidden_state, plan.token_positions, False)
+        self._check_inputs(input_ids, attention_mask, pooled=pooled)
+        state = self._prefix_or_none(logits=False) if self.prompt_layout == "shared_prefix" else None
+        if state is not None:
+            self._check_token_range(input_ids)
+            batch, length = input_ids.shape
+            offset, pad = self._position
+            full_mask, positions = row_inputs(state.length, attention_mask, batch, length, input_ids.device, offset, pad)
+            out = backbone(input_ids=input_ids, attention_mask=full_mask, position_ids=positions, use_cache=False,
+                           return_dict=True,
+                           **self._cache_kwargs(backbone, rows_cache(state, self.base_model.config, None, batch)))
+            return out.last_hidden_state
+        pooled = self._instance_vectors(input_ids, attention_mask, pooled, None, None, None)
+        asm = self._assemble(input_ids, attention_mask, None, pooled)
+        out = backbone(inputs_embeds=asm.inputs_embeds, attention_mask=asm.attention_mask,
+                       position_ids=asm.position_ids, use_cache=False, return_dict=True)
+        return asm.real_tokens(out.last_hidden_state)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -708,8 +941,17 @@ class PromptTunedModel(nn.Module):
             kwargs = self._lengths_without_prompt(kwargs, input_ids.shape[1])
             if attention_mask is not None:
                 attention_mask, input_ids = left_align(attention_mask, input_ids)
-        asm = self._assemble(input_ids, attention_mask, None, pooled)
-        out = self.base_model.generate(inputs_embeds=asm.inputs_embeds, attention_mask=asm.attention_mask, **kwargs)
+        shared = None if seq2seq else self._generate_shared_prefix(input_ids, attention_mask, kwargs)
+        if shared is not None:  # the sequences start with the (left-aligned) input ids: drop them
+            out = shared
+            sequences = out if isinstance(out, Tensor) else out.sequences
+            sequences = sequences[:, input_ids.shape[1]:]
+            if not isinstance(out, Tensor):
+                out.sequences = sequences
+            out = out if not isinstance(out, Tensor) else sequences
+        else:
+            asm = self._assemble(input_ids, attention_mask, None, pooled)
+            out = self.base_model.generate(inputs_embeds=asm.inputs_embeds, attention_mask=asm.attention_mask, **kwargs)
         if seq2seq:
             return out
         sequences = out if isinstance(out, Tensor) else out.sequences
@@ -721,6 +963,25 @@ class PromptTunedModel(nn.Module):
             return full
         out.sequences = full
         return out
+
+    def _generate_shared_prefix(self, input_ids: Tensor, attention_mask: Optional[Tensor], kwargs: dict):
+        """``generate`` behind the shared prefix (greedy or sampling, one sequence per row), or ``None``
+        (another layout, beams or several sequences per row: the inline layout runs)."""
+        config = kwargs.get("generation_config")
+        several = config is not None and ((config.num_beams or 1) > 1 or (config.num_return_sequences or 1) > 1)
+        if self.prompt_layout != "shared_prefix" or several or _holds_cache(kwargs):
+            return None
+        state = self._prefix_or_none(logits=False)
+        if state is None:
+            return None
+        self._check_token_range(input_ids)
+        batch, length = input_ids.shape
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        full = torch.cat([torch.ones(batch, state.length, dtype=mask.dtype, device=mask.device), mask], dim=1)
+        cache = rows_cache(state, self.base_model.config, None, batch)
+        # generate() takes the cache under the name its model's forward uses.
+        return self.base_model.generate(input_ids=input_ids, attention_mask=full,
+                                        **self._cache_kwargs(self.base_model, cache), **kwargs)
 
     def _lengths_without_prompt(self, kwargs: dict, length: int) -> dict:
         """``max_length`` / ``min_length`` as PEFT counts them (input + new tokens), turned into

@@ -72,7 +72,7 @@ def model_unsupported_reason(base, task: str = "causal_lm") -> Optional[str]:
         return f"{type(base).__name__} takes no position_ids"
     if _cache_argument(base) is None:
         return f"{type(base).__name__} takes no KV cache argument"
-    if getattr(base, "is_gradient_checkpointing", False):
+    if _checkpointing(base):
         return "gradient checkpointing recomputes layers, which would append to the shared cache twice"
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     layer_types = getattr(text, "layer_types", None)
@@ -81,6 +81,13 @@ def model_unsupported_reason(base, task: str = "causal_lm") -> Optional[str]:
     if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
         return "the model uses sliding-window attention"
     return None
+
+
+def _checkpointing(model) -> bool:
+    # transformers 5.24 renamed is_gradient_checkpointing (the old name warns); 5.17 has only the old one.
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
 
 
 def _cache_argument(model) -> Optional[str]:
