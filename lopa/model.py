@@ -264,7 +264,8 @@ class PromptTunedModel(nn.Module):
     @classmethod
     def for_method(cls, base_model: nn.Module, method: str = "ulpt", *, num_tokens: int = 10,
                    rank: Optional[int] = None, encoder=None, tokenizer=None, pooling: Optional[str] = None,
-                   encoder_cache: bool = False, **prompt_kwargs) -> "PromptTunedModel":
+                   encoder_cache: bool = False, prompt_layout: str = "auto", assembly_backend: str = "auto",
+                   **prompt_kwargs) -> "PromptTunedModel":
         """Build the prompt for ``method`` at the model's width and wrap the model.
 
         ULPT: ``rank`` (default 2), ``seed``, ``init``, ``learn_scale``, ``learn_shift``.
@@ -273,26 +274,28 @@ class PromptTunedModel(nn.Module):
         constructor or a local path loaded with :meth:`InstanceEncoder.from_pretrained`;
         ``pooling`` and ``encoder_cache`` configure the encoder.
         PT: ``init`` (``"random"``, ``"vocab"``, ``"text"`` with ``init_text`` and ``tokenizer``).
+        ``prompt_layout`` and ``assembly_backend`` go to the constructor.
         """
+        wrap = dict(tokenizer=tokenizer, prompt_layout=prompt_layout, assembly_backend=assembly_backend)
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
         dim = base_model.get_input_embeddings().weight.shape[1]
         if method == "ulpt":
             prompt = ULPTPrompt(num_tokens, dim, 2 if rank is None else rank, **prompt_kwargs)
-            return cls(base_model, prompt, tokenizer=tokenizer)
+            return cls(base_model, prompt, **wrap)
         if method == "pt":
             if rank is not None:
                 raise ValueError("method 'pt' has no rank")
             if prompt_kwargs.get("init") == "text" and "tokenizer" not in prompt_kwargs:
                 prompt_kwargs["tokenizer"] = tokenizer
             prompt = PromptTuning(num_tokens, dim, **prompt_kwargs)
-            return cls(base_model, prompt, tokenizer=tokenizer)
+            return cls(base_model, prompt, **wrap)
         # LoPA
         encoder = resolve_encoder(encoder, base_model, pooling=pooling, cache=encoder_cache)
         if "dropout" not in prompt_kwargs:
             prompt_kwargs["dropout"] = encoder_dropout(encoder.model)
         prompt = LoPAPrompt(num_tokens, dim, 4 if rank is None else rank, encoder.hidden_size, **prompt_kwargs)
-        return cls(base_model, prompt, encoder, tokenizer=tokenizer)
+        return cls(base_model, prompt, encoder, **wrap)
 
     # ------------------------------------------------------------------ passthrough
     def __setattr__(self, name: str, value) -> None:

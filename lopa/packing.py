@@ -41,14 +41,16 @@ class PackedSequences:
 
 
 def looks_packed(input_ids: Optional[Tensor], position_ids: Optional[Tensor], kwargs: dict) -> bool:
-    """Whether a call carries a packed batch: one row and position ids that restart, or boundaries."""
+    """Whether a call carries a packed batch: one row whose position ids do not simply count up
+    (they restart, or jump: :func:`parse_packed` then says what is wrong), or boundaries."""
     if any(kwargs.get(k) is not None for k in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")):
         return True
     if input_ids is None or position_ids is None or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         return False
     if position_ids.dim() != 2 or position_ids.shape != input_ids.shape or position_ids.shape[1] < 2:
         return False
-    return bool((position_ids[0, 1:] == 0).any())
+    pos = position_ids[0]
+    return bool((pos[1:] != pos[:-1] + 1).any())  # positions restart (or jump): sequences side by side
 
 
 def parse_packed(input_ids: Tensor, position_ids: Optional[Tensor], *, attention_mask: Optional[Tensor] = None,

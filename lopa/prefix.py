@@ -129,13 +129,21 @@ def compute_prefix(base, source, m: int, *, tasks: Optional[Tensor] = None, posi
     if logits and accepts(base, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
     out = module(**kwargs)
-    cache = out.get("past_key_values") if hasattr(out, "get") else None
-    if cache is None:
-        cache = getattr(out, "cache", None)
+    cache = _returned_cache(out)
     keys, values = _cache_tensors(cache, type(base).__name__)
     first = out.logits[:, -1] if logits else None
     hidden = None if logits else out.last_hidden_state[:, -1]
     return SharedPrefix(keys, values, m, first, hidden)
+
+
+def _returned_cache(out):
+    # transformers 5.24 returns the cache as `cache` (`past_key_values` is a deprecated alias);
+    # 5.17 as `past_key_values`.
+    for key in ("cache", "past_key_values"):
+        value = out.get(key) if hasattr(out, "get") else None
+        if value is not None:
+            return value
+    return None
 
 
 def _cache_tensors(cache, name: str) -> Tuple[List[Tensor], List[Tensor]]:
