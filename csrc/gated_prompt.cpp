@@ -11,8 +11,6 @@
 // * grad_zs[t] sums over the batch rows of task t: batch rows are cut into fixed chunks,
 //   each chunk accumulates into its own slab per task it contains ("slot"), and a second
 //   pass adds a task's slots in chunk order.
-#include <torch/library.h>
-
 #include "common.h"
 
 namespace lopa {
@@ -304,7 +302,11 @@ void gated_backward_kernel(const at::Tensor& grad_out, const at::Tensor& zs, con
   }
 }
 
+}  // namespace
+
 // ----------------------------------------------------------------------------- ops
+// Bound to Python in registration.cpp; lopa/ops.py registers them as the CPU kernels of
+// lopa::gated_prompt_fwd / lopa::gated_prompt_bwd.
 at::Tensor gated_prompt_fwd(const at::Tensor& zs, const at::Tensor& u, const at::Tensor& v,
                             const std::optional<at::Tensor>& task_ids) {
   const GatedShapes s = check_gated_inputs(zs, u, v);
@@ -335,10 +337,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prompt_bwd(
   return {grad_zs, grad_u, grad_v};
 }
 
-}  // namespace
 }  // namespace lopa
-
-TORCH_LIBRARY_IMPL(lopa_cpp, CPU, m) {
-  m.impl("gated_prompt_fwd", &lopa::gated_prompt_fwd);
-  m.impl("gated_prompt_bwd", &lopa::gated_prompt_bwd);
-}

@@ -1,10 +1,11 @@
-// Op schemas of the lopa_cpp namespace and the Python module lopa._C.
+// The Python module lopa._C: lopa's fused CPU kernels as plain functions.
 //
-// The CPU kernels register themselves next to their code (gated_prompt.cpp, ulpt.cpp);
-// fake kernels and autograd are registered from Python (lopa/_cpp_ops.py), which imports
-// this module first.
+// lopa/ops.py defines the ops (one torch.library schema each, in Python, so they exist
+// whether or not this extension is built) and registers these functions as their CPU
+// kernels; its eager path calls them directly.  Each checks its own arguments (a second
+// line of defence behind the Python checks) and raises IndexError for task ids outside the
+// bank.
 #include <torch/extension.h>
-#include <torch/library.h>
 
 #include <atomic>
 
@@ -18,23 +19,36 @@ std::atomic<bool> poison_outputs{false};
 
 bool poison_outputs_enabled() { return poison_outputs.load(std::memory_order_relaxed); }
 void set_poison_outputs(bool enabled) { poison_outputs.store(enabled, std::memory_order_relaxed); }
+
+// gated_prompt.cpp
+at::Tensor gated_prompt_fwd(const at::Tensor& zs, const at::Tensor& u, const at::Tensor& v,
+                            const std::optional<at::Tensor>& task_ids);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prompt_bwd(
+    const at::Tensor& grad_out, const at::Tensor& zs, const at::Tensor& u, const at::Tensor& v,
+    const std::optional<at::Tensor>& task_ids, bool need_zs, bool need_u, bool need_v);
+// ulpt.cpp
+at::Tensor ulpt_fwd(const at::Tensor& z, const at::Tensor& proj, const at::Tensor& scale, const at::Tensor& shift,
+                    const std::optional<at::Tensor>& task_ids);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ulpt_bwd(
+    const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& proj, const at::Tensor& scale,
+    const std::optional<at::Tensor>& task_ids, bool need_z, bool need_proj, bool need_scale, bool need_shift);
 }  // namespace lopa
 
-TORCH_LIBRARY(lopa_cpp, m) {
-  m.def("gated_prompt_fwd(Tensor zs, Tensor u, Tensor v, Tensor? task_ids) -> Tensor");
-  m.def(
-      "gated_prompt_bwd(Tensor grad_out, Tensor zs, Tensor u, Tensor v, Tensor? task_ids, "
-      "bool need_zs, bool need_u, bool need_v) -> (Tensor, Tensor, Tensor)");
-  m.def("ulpt_fwd(Tensor z, Tensor proj, Tensor scale, Tensor shift, Tensor? task_ids) -> Tensor");
-  m.def(
-      "ulpt_bwd(Tensor grad_out, Tensor z, Tensor proj, Tensor scale, Tensor? task_ids, "
-      "bool need_z, bool need_proj, bool need_scale, bool need_shift) -> (Tensor, Tensor, Tensor, Tensor)");
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "lopa's fused CPU kernels; the ops themselves live in torch.ops.lopa_cpp";
-  m.def("set_poison_outputs", &lopa::set_poison_outputs, pybind11::arg("enabled"),
-        "While on, every tensor the lopa_cpp ops return is NaN-filled before the kernel writes it "
+  namespace py = pybind11;
+  m.doc() = "lopa's fused CPU kernels (the ops are torch.ops.lopa.*, defined in lopa/ops.py)";
+  m.def("gated_prompt_fwd", &lopa::gated_prompt_fwd, py::arg("zs"), py::arg("u"), py::arg("v"),
+        py::arg("task_ids"), "LoPA gate forward: out[b] = zs[t_b] * sigmoid(u[b] @ v[b]).");
+  m.def("gated_prompt_bwd", &lopa::gated_prompt_bwd, py::arg("grad_out"), py::arg("zs"), py::arg("u"), py::arg("v"),
+        py::arg("task_ids"), py::arg("need_zs"), py::arg("need_u"), py::arg("need_v"),
+        "LoPA gate backward: (dzs, du, dv); a gradient not needed comes back empty.");
+  m.def("ulpt_fwd", &lopa::ulpt_fwd, py::arg("z"), py::arg("proj"), py::arg("scale"), py::arg("shift"),
+        py::arg("task_ids"), "ULPT forward: out[t] = (z[t] @ proj) * scale[t] + shift[t].");
+  m.def("ulpt_bwd", &lopa::ulpt_bwd, py::arg("grad_out"), py::arg("z"), py::arg("proj"), py::arg("scale"),
+        py::arg("task_ids"), py::arg("need_z"), py::arg("need_proj"), py::arg("need_scale"), py::arg("need_shift"),
+        "ULPT backward: (dz, dproj, dscale, dshift); a gradient not needed comes back empty.");
+  m.def("set_poison_outputs", &lopa::set_poison_outputs, py::arg("enabled"),
+        "While on, every tensor these kernels return is NaN-filled before the kernel writes it "
         "(a test hook that exposes unwritten elements).");
   m.def("poison_outputs_enabled", &lopa::poison_outputs_enabled, "Whether output poisoning is on.");
 }

@@ -6,8 +6,6 @@
 // blocks: dproj sums over tasks and prompt positions, which all live in the block, so each
 // unit owns its slab of dproj, dscale and dshift.  dz sums over d: each block writes partial
 // sums that a second pass adds in block order.  z @ proj is recomputed, never saved.
-#include <torch/library.h>
-
 #include "common.h"
 
 namespace lopa {
@@ -301,7 +299,11 @@ void ulpt_backward_kernel(const at::Tensor& grad_out, const at::Tensor& z, const
   }
 }
 
+}  // namespace
+
 // ----------------------------------------------------------------------------- ops
+// Bound to Python in registration.cpp; lopa/ops.py registers them as the CPU kernels of
+// lopa::ulpt_fwd / lopa::ulpt_bwd.
 at::Tensor ulpt_fwd(const at::Tensor& z, const at::Tensor& proj, const at::Tensor& scale, const at::Tensor& shift,
                     const std::optional<at::Tensor>& task_ids) {
   const UlptShapes s = check_ulpt_inputs(z, proj, scale);
@@ -343,10 +345,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ulpt_bwd(
   return {grad_z, grad_proj, grad_scale, grad_shift};
 }
 
-}  // namespace
 }  // namespace lopa
-
-TORCH_LIBRARY_IMPL(lopa_cpp, CPU, m) {
-  m.impl("ulpt_fwd", &lopa::ulpt_fwd);
-  m.impl("ulpt_bwd", &lopa::ulpt_bwd);
-}

@@ -5,11 +5,15 @@ where they stop beating BLAS (:data:`CPP_MAX_RANK`), and the reference path othe
 (float64 on CUDA, large ranks on the CPU, or a missing extension).  Asking for a backend
 by name that cannot run raises a clear error instead of silently falling back; a backend
 asked for by name always runs, whatever the rank.
+
+This module also loads the kernels: :func:`cpp_kernel` and :func:`triton_kernel` are the
+loaders the ops in :mod:`lopa.ops` are defined with (see :mod:`lopa._oplib`).
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import warnings
 from typing import Callable, List, NamedTuple, Optional
@@ -40,10 +44,18 @@ CPP_MAX_RANK = {
 
 
 class Backend(NamedTuple):
-    name: str
-    gated_prompt: Callable
-    ulpt: Callable
+    """A resolved backend: its name and the op slot that runs it (see :mod:`lopa._oplib`);
+    ``slot`` is None for the reference, which runs as plain differentiable PyTorch."""
 
+    name: str
+    slot: Optional[str]
+
+
+REFERENCE = Backend("reference", None)
+CPP = Backend("cpp", "cpu")
+TRITON = Backend("triton", "cuda")
+# The op slot of each kernel backend, for callers that hold a backend name.
+SLOT_OF = {"cpp": "cpu", "triton": "cuda", "reference": "reference"}
 
 _LOADED: dict = {}
 
@@ -60,46 +72,76 @@ def _cached(fn):
 
 
 @_cached
-def _reference_backend() -> Backend:
-    from lopa import reference
-
-    return Backend("reference", reference.gated_prompt, reference.ulpt_prompt)
-
-
-@_cached
 def _load_cpp() -> tuple:
-    """Import the compiled extension once; returns (backend or None, error message)."""
+    """Import the compiled extension once; returns (module or None, error message)."""
     try:
-        importlib.import_module("lopa._C")
+        module = importlib.import_module("lopa._C")
     except ImportError as exc:  # not built, or built against another torch
         return None, f"{type(exc).__name__}: {exc}"
-    from lopa import _cpp_ops
-
-    return Backend("cpp", _cpp_ops.gated_prompt, _cpp_ops.ulpt), ""
+    return module, ""
 
 
 @_cached
 def _load_triton() -> tuple:
+    """Import Triton once; returns (module or None, error message)."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError as exc:
         return None, f"Triton is not installed ({exc}); `pip install triton`"
-    from lopa.kernels import gated_prompt, ulpt_prompt
+    return triton, ""
 
-    return Backend("triton", gated_prompt.gated_prompt, ulpt_prompt.ulpt_prompt), ""
+
+def cpp_kernel(name: str) -> Callable[[], Optional[Callable]]:
+    """Loader of the C++ host function ``lopa._C.<name>`` (None, with a one-time warning, when
+    the extension is not built: the reference then runs on the CPU)."""
+
+    def load():
+        module = _load_cpp()[0]
+        if module is None:
+            _warn_cpp_missing_once()
+            return None
+        return getattr(module, name)
+
+    return load
+
+
+def triton_kernel(module: str, name: str) -> Callable[[], Optional[Callable]]:
+    """Loader of the Triton host function ``lopa.kernels.<module>.<name>`` (None without Triton)."""
+
+    def load():
+        if _load_triton()[0] is None:
+            return None
+        return getattr(importlib.import_module(f"lopa.kernels.{module}"), name)
+
+    return load
 
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Backend resolution runs inside torch.compile'd code, which cannot trace an import: the
+# extension is imported when this module is (milliseconds), and Triton is only looked up
+# (importing it takes seconds; the kernels import it on first use).
 def cpp_available() -> bool:
     return _load_cpp()[0] is not None
 
 
+def cpp_error() -> str:
+    return _load_cpp()[1]
+
+
+def triton_installed() -> bool:
+    return _TRITON_FOUND
+
+
+def triton_error() -> str:
+    return "" if _TRITON_FOUND else "Triton is not installed; `pip install triton`"
+
+
 def triton_available(device: Optional[torch.device] = None) -> bool:
     """Triton can run here: installed, and a CUDA device (or the interpreter) to run on."""
-    if _load_triton()[0] is None:
+    if not triton_installed():
         return False
     if device is None:
         return torch.cuda.is_available() or triton_interpreted()
@@ -120,7 +162,7 @@ def available_backends() -> List[str]:
 @functools.lru_cache(maxsize=None)
 def _warn_cpp_missing_once() -> None:
     warnings.warn(
-        "lopa's C++ extension is not available (" + _load_cpp()[1] + "); CPU tensors use the "
+        "lopa's C++ extension is not available (" + cpp_error() + "); CPU tensors use the "
         "slower reference PyTorch path. To get the fused CPU kernels, " + BUILD_HINT + ".",
         RuntimeWarning,
         stacklevel=4,
@@ -135,10 +177,10 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: Optional
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if backend == "auto":
         if device.type == "cpu" and op is not None and rank is not None and rank > cpp_max_rank(op, training):
-            return _reference_backend()
+            return REFERENCE
         return _auto(device, dtype)
     if backend == "reference":
-        return _reference_backend()
+        return REFERENCE
     if backend == "cpp":
         return _require_cpp(device)
     return _require_triton(device, dtype)
@@ -149,28 +191,28 @@ def cpp_max_rank(op: str, training: bool) -> int:
 
 
 def _auto(device: torch.device, dtype: torch.dtype) -> Backend:
-    if device.type == "cuda" and dtype != torch.float64 and _load_triton()[0] is not None:
-        return _load_triton()[0]
+    if device.type == "cuda" and dtype != torch.float64 and triton_installed():
+        return TRITON
     if device.type == "cpu":
         if cpp_available():
-            return _load_cpp()[0]
-        _warn_cpp_missing_once()
-    return _reference_backend()
+            return CPP
+        if not torch.compiler.is_compiling():
+            _warn_cpp_missing_once()
+    return REFERENCE
 
 
 def _require_cpp(device: torch.device) -> Backend:
-    backend, error = _load_cpp()
-    if backend is None:
-        raise RuntimeError(f"backend='cpp' was requested but lopa's C++ extension is not available ({error}); {BUILD_HINT}")
+    if not cpp_available():
+        raise RuntimeError(f"backend='cpp' was requested but lopa's C++ extension is not available ({cpp_error()}); "
+                           f"{BUILD_HINT}")
     if device.type != "cpu":
         raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
-    return backend
+    return CPP
 
 
 def _require_triton(device: torch.device, dtype: torch.dtype) -> Backend:
-    backend, error = _load_triton()
-    if backend is None:
-        raise RuntimeError(f"backend='triton' was requested but {error}")
+    if not triton_installed():
+        raise RuntimeError(f"backend='triton' was requested but {triton_error()}")
     if device.type == "cpu" and not triton_interpreted():
         raise ValueError(
             "backend='triton' needs CUDA tensors, got CPU tensors (set TRITON_INTERPRET=1 before "
@@ -180,4 +222,8 @@ def _require_triton(device: torch.device, dtype: torch.dtype) -> Backend:
         raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}")
     if dtype == torch.float64:
         raise TypeError("backend='triton' supports float16, bfloat16 and float32, got float64 (use 'cpp' or 'reference')")
-    return backend
+    return TRITON
+
+
+_load_cpp()
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None

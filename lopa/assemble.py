@@ -445,7 +445,7 @@ def _source_backward(backend: str, rows: PromptRows, grad_rows: Tensor, task_ids
                      needs) -> List[Optional[Tensor]]:
     """Gradients of the prompt's tensors given the gradient of its rows (one per instance),
     by the gate's / ULPT's own backward on ``backend``."""
-    from lopa import reference
+    from lopa import ops, reference
 
     if rows.kind == KIND_COPY:
         bank = rows.tensors[0]
@@ -457,16 +457,14 @@ def _source_backward(backend: str, rows: PromptRows, grad_rows: Tensor, task_ids
         if backend == "reference":
             grads = reference.ulpt_prompt_backward(grad_rows, z, proj, scale, task_ids)
         else:
-            op = torch.ops.lopa_cpp.ulpt_bwd if backend == "cpp" else torch.ops.lopa_triton.ulpt_bwd
-            grads = op(grad_rows, z, proj, scale, task_ids, *needs)
+            grads = ops.ulpt_bwd(grad_rows, z, proj, scale, task_ids, *needs, impl=_backends.SLOT_OF[backend])
         return [g if n else None for g, n in zip(grads, needs)]
     zs, u, v = rows.tensors
     grad_rows = grad_rows.to(zs.dtype).contiguous()
     if backend == "reference":
         grads = reference.gated_prompt_backward(grad_rows, zs, u, v, task_ids)
     else:
-        op = torch.ops.lopa_cpp.gated_prompt_bwd if backend == "cpp" else torch.ops.lopa_triton.gated_prompt_bwd
-        grads = op(grad_rows, zs, u, v, task_ids, *needs)
+        grads = ops.gated_prompt_bwd(grad_rows, zs, u, v, task_ids, *needs, impl=_backends.SLOT_OF[backend])
     return [g if n else None for g, n in zip(grads, needs)]
 
 
@@ -656,6 +654,7 @@ def assemble_inputs(
     position_offset: int = 0,
     pad_position: Optional[int] = None,
     backend: str = "auto",
+    check: bool = True,
 ) -> AssembledInputs:
     """Place a soft prompt before each row's first real token of a padded batch.
 
@@ -669,6 +668,9 @@ def assemble_inputs(
         inputs_embeds: ``(B, L, d)`` precomputed token embeddings instead of ``input_ids``.
         position_offset, pad_position: see :func:`position_ids_from_mask`.
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
+        check: range-check the token ids and learn whether a row is left-padded (one host sync);
+            ``False`` for a batch the caller has validated (no sync: the kernels still never read
+            outside the table, and outputs are read back by a gather).
 
     Returns:
         :class:`AssembledInputs` with ``inputs_embeds`` ``(B, m+L, d)`` in the table's dtype.
@@ -680,7 +682,7 @@ def assemble_inputs(
     plan = plan_padded(token_ids, attention_mask, rows.rows, task_ids=task_ids, position_offset=position_offset,
                        pad_position=pad_position, check_padding=False)
     follow = _check_ids_and_padding(token_ids if input_ids is not None else None, table.shape[0],
-                                    plan.blocks[:, 3])
+                                    plan.blocks[:, 3]) if check else False  # unknown: read back by a gather
     plan = _with_follow(plan, follow)
     embeds = assemble(table, plan, PromptRows(rows.kind, rows.tensors), backend=backend)
     return AssembledInputs(embeds, plan.attention_mask, plan.position_ids, plan.token_positions,

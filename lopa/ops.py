@@ -1,7 +1,25 @@
-"""Public ops: the LoPA gated low-rank prompt and the ULPT scale-shift projection.
+"""Public ops, the LoPA gated low-rank prompt and the ULPT scale-shift projection, and
+the ``torch.library`` ops that compute them.
 
-Both validate their arguments, bring them to the canonical bank layout used by every
-backend (see :mod:`lopa.reference`) and dispatch to the reference, C++ or Triton path.
+The public functions validate their arguments, bring them to the canonical bank layout
+(see :mod:`lopa.reference`), ask :func:`lopa._backends.resolve` which backend runs, and
+call either the plain PyTorch reference or one of the four ops below.  The math is in
+``docs/math.md``.
+
+One op per computation, defined once with :func:`lopa._oplib.define_op`:
+
+* ``lopa::gated_prompt_fwd(zs, u, v, task_ids?) -> out``
+* ``lopa::gated_prompt_bwd(grad_out, zs, u, v, task_ids?, need_zs, need_u, need_v) -> (dzs, du, dv)``
+* ``lopa::ulpt_fwd(z, proj, scale, shift, task_ids?) -> out``
+* ``lopa::ulpt_bwd(grad_out, z, proj, scale, task_ids?, need_z, need_proj, need_scale, need_shift)
+  -> (dz, dproj, dscale, dshift)``
+
+Each has a CPU kernel from the C++ extension, a CUDA kernel from Triton and the reference
+where those are missing (the extension not built, Triton not installed, float64 on
+CUDA).  A gradient that is not needed comes back as an empty tensor.  Only the inputs
+are saved for backward: the backward kernels recompute ``sigmoid(u @ v)`` and ``z @ proj``
+rather than keep any (B, m, d) tensor alive.  Task ids outside the bank raise IndexError
+on the CPU; on CUDA (no host sync) their rows come out NaN, as do the gradients they feed.
 """
 from __future__ import annotations
 
@@ -10,9 +28,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lopa import _backends
+from lopa import _backends, reference
+from lopa._oplib import Backward, define_op
 from lopa._validation import (
+    check_gated_bank,
+    check_ids_on_host,
     check_task_ids,
+    check_ulpt_bank,
     require_float_dtype,
     require_ndim,
     require_same_device,
@@ -24,6 +46,7 @@ from lopa._validation import (
 __all__ = ["gated_lowrank_prompt", "ulpt_prompt", "available_backends"]
 
 available_backends = _backends.available_backends
+TRITON_DTYPES = {"cuda": (torch.float16, torch.bfloat16, torch.float32)}
 
 
 def gated_lowrank_prompt(
@@ -34,7 +57,7 @@ def gated_lowrank_prompt(
     *,
     backend: str = "auto",
 ) -> Tensor:
-    """LoPA's instance-specific soft prompt ``Z = Z_S * sigmoid(u @ v)``.
+    """LoPA's instance-specific soft prompt ``Z = Z_S * sigmoid(u @ v)`` (docs/math.md).
 
     Args:
         zs: ``(m, d)`` one task's shared prompt Z_S, or ``(T, m, d)`` a bank of T tasks.
@@ -52,26 +75,16 @@ def gated_lowrank_prompt(
     """
     bank, task_ids = gated_bank(zs, u, v, task_ids)
     impl = _backends.resolve(backend, zs.device, zs.dtype, "gated_prompt", u.shape[2], _differentiated(zs, u, v))
-    return impl.gated_prompt(bank, u, v, task_ids)
+    if impl.slot is None:
+        return reference.gated_prompt(bank, u, v, task_ids)
+    return gated_prompt_fwd(bank, u, v, task_ids, impl=impl.slot)
 
 
 def gated_bank(zs: Tensor, u: Tensor, v: Tensor, task_ids: Optional[Tensor]):
     """Validate the gate's arguments; return ``zs`` as a ``(T, m, d)`` bank and int64 ``task_ids``."""
-    for name, value in (("zs", zs), ("u", u), ("v", v)):
-        require_tensor(name, value)
+    require_tensor("zs", zs)
     require_ndim("zs", zs, (2, 3), "(m, d) or (T, m, d)")
-    require_ndim("u", u, (3,), "(B, m, r)")
-    require_ndim("v", v, (3,), "(B, r, d)")
-    require_float_dtype("zs", zs)
-    require_same_dtype("zs", zs, {"u": u, "v": v})
-    require_same_device("zs", zs, {"u": u, "v": v})
     m, d = zs.shape[-2:]
-    batch = u.shape[0]
-    require_size("u", u, 1, m, "the prompt length m of zs")
-    require_size("v", v, 0, batch, "the batch size B of u")
-    require_size("v", v, 1, u.shape[2], "the rank r of u")
-    require_size("v", v, 2, d, "the width d of zs")
-
     if zs.dim() == 2:
         if task_ids is not None:
             raise ValueError(
@@ -86,7 +99,8 @@ def gated_bank(zs: Tensor, u: Tensor, v: Tensor, task_ids: Optional[Tensor]):
                 "required to say which task each row uses"
             )
         bank = zs
-    return bank, check_task_ids(task_ids, batch, bank.shape[0], zs.device)
+    check_gated_bank(bank, u, v, task_ids)
+    return bank, check_task_ids(task_ids, u.shape[0], bank.shape[0], zs.device)
 
 
 def ulpt_prompt(
@@ -98,7 +112,7 @@ def ulpt_prompt(
     *,
     backend: str = "auto",
 ) -> Tensor:
-    """ULPT's prompt ``E = (z @ proj) * scale + shift``.
+    """ULPT's prompt ``E = (z @ proj) * scale + shift`` (docs/math.md).
 
     Args:
         z: ``(n, r)`` one task's low-dimensional prompt, or ``(T, n, r)`` a bank.
@@ -111,6 +125,7 @@ def ulpt_prompt(
 
     Returns:
         ``(n, d)`` for one task, ``(T, n, d)`` for a bank, ``(B, n, d)`` with ``task_ids``.
+        A task no row uses gets zero gradients.
     """
     for name, value in (("z", z), ("proj", proj), ("scale", scale), ("shift", shift)):
         require_tensor(name, value)
@@ -133,7 +148,10 @@ def ulpt_prompt(
         )
     task_ids = check_task_ids(task_ids, None, num_tasks, z.device)
     impl = _backends.resolve(backend, z.device, z.dtype, "ulpt", rank, _differentiated(z, proj, scale, shift))
-    out = impl.ulpt(bank, proj, scale, shift, task_ids)
+    if impl.slot is None:
+        out = reference.ulpt_prompt(bank, proj, scale, shift, task_ids)
+    else:
+        out = ulpt_fwd(bank, proj, scale, shift, task_ids, impl=impl.slot)
     return out.squeeze(0) if single else out
 
 
@@ -151,3 +169,129 @@ def _per_task_vector(name: str, t: Tensor, num_tasks: int, dim: int, single: boo
         require_size(name, t, 0, num_tasks, "the number of tasks T of z")
         return t
     return t.unsqueeze(0).expand(num_tasks, dim)
+
+
+# ----------------------------------------------------------------------------- the ops
+def _gated_fwd_fake(zs, u, v, task_ids):
+    return zs.new_empty((u.shape[0], zs.shape[1], zs.shape[2]))
+
+
+def _gated_bwd_fake(grad_out, zs, u, v, task_ids, need_zs, need_u, need_v):
+    return _maybe(need_zs, zs), _maybe(need_u, u), _maybe(need_v, v)
+
+
+def _ulpt_fwd_fake(z, proj, scale, shift, task_ids):
+    rows = z.shape[0] if task_ids is None else task_ids.shape[0]
+    return z.new_empty((rows, z.shape[1], proj.shape[1]))
+
+
+def _ulpt_bwd_fake(grad_out, z, proj, scale, task_ids, need_z, need_proj, need_scale, need_shift):
+    return _maybe(need_z, z), _maybe(need_proj, proj), _maybe(need_scale, scale), _maybe(need_shift, scale)
+
+
+def _maybe(needed: bool, like: Tensor) -> Tensor:
+    """The gradient of ``like`` if needed, else the empty placeholder (outputs may not alias)."""
+    return like.new_empty(like.shape) if needed else like.new_empty((0,))
+
+
+def _reference_gated_fwd(zs, u, v, task_ids):
+    ids, bad = _clamped_on_device(task_ids, zs.shape[0])
+    return _flag_rows(reference.gated_prompt(zs, u, v, ids), bad)
+
+
+def _reference_gated_bwd(grad_out, zs, u, v, task_ids, need_zs, need_u, need_v):
+    ids, bad = _clamped_on_device(task_ids, zs.shape[0])
+    grads = reference.gated_prompt_backward(grad_out, zs, u, v, ids)
+    return _needed(_flag_all(grads, bad), (need_zs, need_u, need_v))
+
+
+def _reference_ulpt_fwd(z, proj, scale, shift, task_ids):
+    ids, bad = _clamped_on_device(task_ids, z.shape[0])
+    return _flag_rows(reference.ulpt_prompt(z, proj, scale, shift, ids), bad)
+
+
+def _reference_ulpt_bwd(grad_out, z, proj, scale, task_ids, need_z, need_proj, need_scale, need_shift):
+    ids, bad = _clamped_on_device(task_ids, z.shape[0])
+    grads = reference.ulpt_prompt_backward(grad_out, z, proj, scale, ids)
+    return _needed(_flag_all(grads, bad), (need_z, need_proj, need_scale, need_shift))
+
+
+def _clamped_on_device(task_ids: Optional[Tensor], num_tasks: int):
+    """On an accelerator ids are not range-checked on the host (a sync): clamp them and return
+    which rows were out of range, to be flagged with NaN like the Triton kernels do."""
+    if task_ids is None or task_ids.device.type == "cpu":
+        return task_ids, None
+    ids = task_ids.long()
+    bad = (ids < 0) | (ids >= num_tasks)
+    return ids.clamp(0, max(num_tasks - 1, 0)), bad
+
+
+def _flag_rows(out: Tensor, bad: Optional[Tensor]) -> Tensor:
+    if bad is None:
+        return out
+    return torch.where(bad.view(-1, *([1] * (out.dim() - 1))), float("nan"), out)
+
+
+def _flag_all(grads, bad: Optional[Tensor]):
+    if bad is None:
+        return grads
+    flagged = bad.any()
+    return tuple(torch.where(flagged, float("nan"), g) for g in grads)
+
+
+def _needed(grads, needs) -> tuple:
+    return tuple(g if need else g.new_empty((0,)) for g, need in zip(grads, needs))
+
+
+def _check_gated_fwd(zs, u, v, task_ids):
+    check_gated_bank(zs, u, v, task_ids)
+    check_ids_on_host(task_ids, zs.shape[0])
+
+
+def _check_gated_bwd(grad_out, zs, u, v, task_ids, *needs):
+    check_gated_bank(zs, u, v, task_ids, grad_out)
+    check_ids_on_host(task_ids, zs.shape[0])
+
+
+def _check_ulpt_fwd(z, proj, scale, shift, task_ids):
+    check_ulpt_bank(z, proj, scale, shift, task_ids)
+    check_ids_on_host(task_ids, z.shape[0])
+
+
+def _check_ulpt_bwd(grad_out, z, proj, scale, task_ids, *needs):
+    check_ulpt_bank(z, proj, scale, None, task_ids, grad_out)
+    check_ids_on_host(task_ids, z.shape[0])
+
+
+def _gated_grads(bwd, grad_out, inputs, needs):
+    zs, u, v, task_ids = inputs
+    return (*bwd(grad_out, zs, u, v, task_ids, *needs[:3]), None)
+
+
+def _ulpt_grads(bwd, grad_out, inputs, needs):
+    z, proj, scale, shift, task_ids = inputs
+    return (*bwd(grad_out, z, proj, scale, task_ids, *needs[:4]), None)
+
+
+def _define(name: str, schema: str, triton: tuple, reference_fn, fake, check, backward=None):
+    """``lopa::<name>``: the C++ function of that name on the CPU, ``lopa.kernels.<module>.<fn>``
+    (``triton``) on CUDA for the dtypes Triton runs."""
+    return define_op(name, schema, cpu=_backends.cpp_kernel(name), cuda=_backends.triton_kernel(*triton),
+                     reference=reference_fn, fake=fake, check=check, backward=backward, dtypes=TRITON_DTYPES)
+
+
+GATED_BWD_SCHEMA = ("(Tensor grad_out, Tensor zs, Tensor u, Tensor v, Tensor? task_ids, bool need_zs, bool need_u,"
+                    " bool need_v) -> (Tensor, Tensor, Tensor)")
+ULPT_BWD_SCHEMA = ("(Tensor grad_out, Tensor z, Tensor proj, Tensor scale, Tensor? task_ids, bool need_z,"
+                   " bool need_proj, bool need_scale, bool need_shift) -> (Tensor, Tensor, Tensor, Tensor)")
+
+gated_prompt_bwd = _define("gated_prompt_bwd", GATED_BWD_SCHEMA, ("gated_prompt", "backward"),
+                           _reference_gated_bwd, _gated_bwd_fake, _check_gated_bwd)
+gated_prompt_fwd = _define("gated_prompt_fwd", "(Tensor zs, Tensor u, Tensor v, Tensor? task_ids) -> Tensor",
+                           ("gated_prompt", "forward"), _reference_gated_fwd, _gated_fwd_fake, _check_gated_fwd,
+                           Backward(gated_prompt_bwd, _gated_grads))
+ulpt_bwd = _define("ulpt_bwd", ULPT_BWD_SCHEMA, ("ulpt_prompt", "backward"), _reference_ulpt_bwd, _ulpt_bwd_fake,
+                   _check_ulpt_bwd)
+ulpt_fwd = _define("ulpt_fwd", "(Tensor z, Tensor proj, Tensor scale, Tensor shift, Tensor? task_ids) -> Tensor",
+                   ("ulpt_prompt", "forward"), _reference_ulpt_fwd, _ulpt_fwd_fake, _check_ulpt_fwd,
+                   Backward(ulpt_bwd, _ulpt_grads))

@@ -1,4 +1,5 @@
-"""C++-specific checks of the lopa_cpp ops, called directly through torch.ops.
+"""C++-specific checks of the CPU kernels, called directly (``lopa._C``, the functions the
+``lopa::*`` ops register as their CPU kernels).
 
 The shared suites (test_ops, test_autograd, test_bad_inputs) cover the public API on every
 backend; these tests exercise what only the C++ kernels have: their own argument checks
@@ -17,8 +18,7 @@ pytestmark = pytest.mark.skipif(not _backends.cpp_available(), reason="C++ exten
 
 @pytest.fixture(scope="module")
 def ops():
-    _backends.resolve("cpp", torch.device("cpu"), torch.float32)  # imports lopa._C and registers
-    return torch.ops.lopa_cpp
+    return _backends._load_cpp()[0]
 
 
 def _gated(B=3, m=4, r=2, d=8, T=2, dtype=torch.float32, seed=0):
@@ -224,10 +224,11 @@ def test_opcheck_ulpt_bwd(ops, with_ids):
     z, proj, scale, _ = _ulpt(3, 4, 2, 13, torch.float64)
     ids = torch.tensor([1, 1, 0, 2]) if with_ids else None
     grad = torch.randn(4 if with_ids else 3, 4, 13, dtype=torch.float64)
-    torch.library.opcheck(ops.ulpt_bwd, (grad, z, proj, scale, ids, True, False, True, True))
+    torch.library.opcheck(torch.ops.lopa.ulpt_bwd.default, (grad, z, proj, scale, ids, True, False, True, True))
 
 
 def test_opcheck_gated_bwd_subset(ops):
     zs, u, v = _gated(dtype=torch.float64)
     ids = torch.tensor([1, 0, 1])
-    torch.library.opcheck(ops.gated_prompt_bwd, (torch.randn(3, 4, 8, dtype=torch.float64), zs, u, v, ids, False, True, False))
+    torch.library.opcheck(torch.ops.lopa.gated_prompt_bwd.default,
+                          (torch.randn(3, 4, 8, dtype=torch.float64), zs, u, v, ids, False, True, False))

@@ -385,15 +385,19 @@ def test_triton_flags_out_of_range_task_ids():
     run_isolated(check_triton_out_of_range_ids)
 
 
-def _triton_ops():
-    from lopa.kernels import gated_prompt, ulpt_prompt  # noqa: F401  (registers the ops)
+class TritonOps:
+    """The ops with their Triton host functions, whatever the device (the interpreter on CPU)."""
 
-    return torch.ops.lopa_triton
+    def __getattr__(self, name):
+        from lopa import ops
+
+        op = getattr(ops, name)
+        return lambda *args: op(*args, impl="cuda")
 
 
 def check_triton_out_of_range_ids():
     device = backend_device("triton")
-    ops = _triton_ops()
+    ops = TritonOps()
     g = torch.Generator().manual_seed(16)
     zs, u, v = (randn(s, torch.float32, device, g) for s in ((2, 5, 19), (5, 5, 2), (5, 2, 19)))
     z, scale, shift = (randn(s, torch.float32, device, g) for s in ((2, 4, 2), (2, 19), (2, 19)))
@@ -415,10 +419,15 @@ def check_triton_out_of_range_ids():
         grads = ops.ulpt_bwd(grad[:, :4], z, proj, scale, ids, True, True, True, True)
         assert all(torch.isnan(t).any() for t in grads)  # a flagged row feeds every gradient
 
-        compiled = torch.compile(lambda *a: lopa.gated_lowrank_prompt(*a, backend="triton"), fullgraph=True,
-                                 backend="aot_eager" if device.type == "cpu" else "inductor")
-        out = compiled(zs, u, v, ids)
-        _check_flagged_rows(out, reference.gated_prompt(zs, u, v, safe), good, flagged)
+        # Compiled, the public function skips its host check: the op's CUDA kernel (Triton)
+        # flags the rows; its CPU kernel reads the ids for free and raises.
+        compiled = torch.compile(lambda *a: lopa.gated_lowrank_prompt(*a), fullgraph=True,
+                                 backend="inductor" if device.type == "cuda" else "aot_eager")
+        if device.type == "cuda":
+            _check_flagged_rows(compiled(zs, u, v, ids), reference.gated_prompt(zs, u, v, safe), good, flagged)
+        else:
+            with pytest.raises(IndexError, match=f"task_ids contains {bad}"):
+                compiled(zs, u, v, ids)
 
 
 def _check_flagged_rows(got, want, good, flagged):

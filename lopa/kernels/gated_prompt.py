@@ -1,4 +1,4 @@
-"""LoPA gate ``out[b] = zs[t_b] * sigmoid(u[b] @ v[b])`` in Triton: kernels, host code, ops.
+"""LoPA gate ``out[b] = zs[t_b] * sigmoid(u[b] @ v[b])`` in Triton: kernels and host code.
 
 Forward: one program per (row, m-tile, d-tile) computes the rank-r logits in registers,
 applies the sigmoid and the task prompt and writes its output tile once.
@@ -11,14 +11,13 @@ job: no atomics, bitwise reproducible.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from lopa._autograd import eager_fast_path, register_gated_prompt
 from lopa._poison import new_output
 from lopa.kernels._shared import (
     checked_task,
@@ -122,7 +121,9 @@ def _gated_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- host code
-def _forward(zs: Tensor, u: Tensor, v: Tensor, task_ids: Optional[Tensor]) -> Tensor:
+# forward / backward are the CUDA kernels of the lopa::* ops (lopa/ops.py), with their
+# schemas; they trust their arguments, which the ops check first.
+def forward(zs: Tensor, u: Tensor, v: Tensor, task_ids: Optional[Tensor]) -> Tensor:
     T, M, D = zs.shape
     B, _, R = u.shape
     out = new_output((B, M, D), zs)
@@ -140,7 +141,7 @@ def _forward(zs: Tensor, u: Tensor, v: Tensor, task_ids: Optional[Tensor]) -> Te
     return out
 
 
-def _backward(grad_out, zs, u, v, task_ids, need_zs, need_u, need_v) -> List[Tensor]:
+def backward(grad_out, zs, u, v, task_ids, need_zs, need_u, need_v) -> Tuple[Tensor, Tensor, Tensor]:
     T, M, D = zs.shape
     B, _, R = u.shape
     tiles = tiles_for(M, D, R)
@@ -175,7 +176,7 @@ def _backward(grad_out, zs, u, v, task_ids, need_zs, need_u, need_v) -> List[Ten
         grad_zs = segment_sum(dzs_part, chunks, T, (T, M, D), zs.dtype)
     grad_u = _finish(du_part, u) if need_u else u.new_empty((0,))
     grad_v = _finish(dv_part, v) if need_v else v.new_empty((0,))
-    return [grad_zs, grad_u, grad_v]
+    return grad_zs, grad_u, grad_v
 
 
 def _partial_dtype(count: int, like: Tensor) -> torch.dtype:
@@ -187,25 +188,3 @@ def _finish(partials: Tensor, like: Tensor) -> Tensor:
     if partials.shape[0] == 1:
         return partials[0]
     return partials.sum(0).to(like.dtype)
-
-
-# ----------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("lopa_triton::gated_prompt_fwd", mutates_args=())
-def gated_prompt_fwd(zs: Tensor, u: Tensor, v: Tensor, task_ids: Optional[Tensor]) -> Tensor:
-    return _forward(zs, u, v, task_ids)
-
-
-@torch.library.custom_op("lopa_triton::gated_prompt_bwd", mutates_args=())
-def gated_prompt_bwd(
-    grad_out: Tensor, zs: Tensor, u: Tensor, v: Tensor, task_ids: Optional[Tensor],
-    need_zs: bool, need_u: bool, need_v: bool,
-) -> List[Tensor]:
-    return _backward(grad_out, zs, u, v, task_ids, need_zs, need_u, need_v)
-
-
-register_gated_prompt("lopa_triton::gated_prompt_fwd", "lopa_triton::gated_prompt_bwd")
-gated_prompt = eager_fast_path(
-    torch.ops.lopa_triton.gated_prompt_fwd,
-    _forward,
-    lambda grad_out, inputs, needs: _backward(grad_out, *inputs, *needs),
-)

@@ -1,4 +1,4 @@
-"""ULPT prompt ``out[t] = (z[t] @ P) * scale[t] + shift[t]`` in Triton: kernels, host code, ops.
+"""ULPT prompt ``out[t] = (z[t] @ P) * scale[t] + shift[t]`` in Triton: kernels and host code.
 
 Forward: one program per (output row, n-tile, d-tile): the rank-r product, the scale and
 the shift in registers, one store per element.
@@ -11,14 +11,13 @@ the job: no atomics, bitwise reproducible.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from lopa._autograd import eager_fast_path, register_ulpt
 from lopa._poison import new_output
 from lopa.kernels._shared import (
     checked_task,
@@ -123,7 +122,9 @@ def _ulpt_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- host code
-def _forward(z: Tensor, proj: Tensor, scale: Tensor, shift: Tensor, task_ids: Optional[Tensor]) -> Tensor:
+# forward / backward are the CUDA kernels of the lopa::* ops (lopa/ops.py), with their
+# schemas; they trust their arguments, which the ops check first.
+def forward(z: Tensor, proj: Tensor, scale: Tensor, shift: Tensor, task_ids: Optional[Tensor]) -> Tensor:
     T, N, R = z.shape
     D = proj.shape[1]
     rows = T if task_ids is None else task_ids.shape[0]
@@ -142,7 +143,7 @@ def _forward(z: Tensor, proj: Tensor, scale: Tensor, shift: Tensor, task_ids: Op
     return out
 
 
-def _backward(grad_out, z, proj, scale, task_ids, need_z, need_proj, need_scale, need_shift) -> List[Tensor]:
+def backward(grad_out, z, proj, scale, task_ids, need_z, need_proj, need_scale, need_shift) -> Tuple[Tensor, ...]:
     T, N, R = z.shape
     D = proj.shape[1]
     rows = T if task_ids is None else task_ids.shape[0]
@@ -183,29 +184,4 @@ def _backward(grad_out, z, proj, scale, task_ids, need_z, need_proj, need_scale,
     grad_p = dp_part.sum((0, 1)).to(proj.dtype) if need_proj else proj.new_empty((0,))
     grad_scale = per_task(dscale_part, (T, D), scale.dtype) if need_scale else scale.new_empty((0,))
     grad_shift = per_task(dshift_part, (T, D), scale.dtype) if need_shift else scale.new_empty((0,))
-    return [grad_z, grad_p, grad_scale, grad_shift]
-
-
-# ----------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("lopa_triton::ulpt_fwd", mutates_args=())
-def ulpt_fwd(z: Tensor, proj: Tensor, scale: Tensor, shift: Tensor, task_ids: Optional[Tensor]) -> Tensor:
-    return _forward(z, proj, scale, shift, task_ids)
-
-
-@torch.library.custom_op("lopa_triton::ulpt_bwd", mutates_args=())
-def ulpt_bwd(
-    grad_out: Tensor, z: Tensor, proj: Tensor, scale: Tensor, task_ids: Optional[Tensor],
-    need_z: bool, need_proj: bool, need_scale: bool, need_shift: bool,
-) -> List[Tensor]:
-    return _backward(grad_out, z, proj, scale, task_ids, need_z, need_proj, need_scale, need_shift)
-
-
-register_ulpt("lopa_triton::ulpt_fwd", "lopa_triton::ulpt_bwd")
-
-
-def _eager_backward(grad_out, inputs, needs):
-    z, proj, scale, shift, task_ids = inputs
-    return _backward(grad_out, z, proj, scale, task_ids, *needs)
-
-
-ulpt_prompt = eager_fast_path(torch.ops.lopa_triton.ulpt_fwd, _forward, _eager_backward)
+    return grad_z, grad_p, grad_scale, grad_shift
