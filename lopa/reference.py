@@ -1,8 +1,9 @@
 """Plain-PyTorch reference of every computation in lopa.
 
-This module is the specification: every fused kernel (C++ on the CPU, Triton on the GPU)
-is tested against these functions, evaluated in higher precision.  The functions take
-the canonical *bank* layout used by all backends:
+This module is the executable specification (the math, in words: docs/math.md): every
+fused kernel (C++ on the CPU, Triton on the GPU) is tested against these functions,
+evaluated in higher precision.  The functions take the canonical *bank* layout used by
+all backends:
 
 * LoPA gate: ``zs`` (T, m, d), ``u`` (B, m, r), ``v`` (B, r, d), ``task_ids`` (B,) or
   ``None`` (then T must be 1 and every row uses task 0).
