@@ -45,7 +45,7 @@ def check_and_time(shape: GatedShape, dtype: torch.dtype, config) -> dict:
             out = lopa.gated_lowrank_prompt(zs, u, v, backend="triton")
         err = ((out.double() - ref).norm() / ref.norm()).item()
         unwritten = int(torch.isnan(out).sum())
-        ms = triton.testing.do_bench_cudagraph(lambda: gated_prompt._forward(bank, u, v, None),
+        ms = triton.testing.do_bench_cudagraph(lambda: gated_prompt.forward(bank, u, v, None),
                                                rep=100, return_mode="median")
     finally:
         gated_prompt.forward_tiles_for = _shared.forward_tiles_for
