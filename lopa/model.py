@@ -101,7 +101,15 @@ from lopa.hf import (
 )
 from lopa.layout import first_token_index, plan_packed
 from lopa.modules import LoPAPrompt, PromptModule, PromptTuning, ULPTPrompt
-from lopa.packing import PACKED_KEYS, PackedSequences, block_attention_mask, looks_packed, parse_packed
+from lopa.packing import (
+    PACKED_KEYS,
+    PackedSequences,
+    block_attention_mask,
+    looks_packed,
+    padded_attention_mask,
+    parse_packed,
+    trusted_packed,
+)
 from lopa.prefix import PrefixUnsupported, causal_lm_loss, compute_prefix, row_inputs, rows_cache, unsupported_reason
 from lopa.saved import (
     CONFIG_NAME,
@@ -206,7 +214,8 @@ class PromptTunedModel(nn.Module):
     """A frozen Hugging Face model with a trainable soft prompt; see the module docstring."""
 
     def __init__(self, base_model: nn.Module, prompt: PromptModule, encoder=None, *, tokenizer=None,
-                 left_align: Optional[bool] = None, assembly_backend: str = "auto", prompt_layout: str = "auto"):
+                 left_align: Optional[bool] = None, assembly_backend: str = "auto", prompt_layout: str = "auto",
+                 check_inputs: bool = True):
         super().__init__()
         if not isinstance(base_model, nn.Module) or not hasattr(base_model, "get_input_embeddings"):
             raise TypeError(
@@ -259,13 +268,16 @@ class PromptTunedModel(nn.Module):
         self._adapter_disabled = False
         self._prefix_failure = None
         self.prompt_layout = prompt_layout
+        # False: the caller vouches for its batches (e.g. the trainer checked the data set once):
+        # no data-dependent check, so a step has no host synchronisation (see _trusted).
+        self.check_inputs = bool(check_inputs)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def for_method(cls, base_model: nn.Module, method: str = "ulpt", *, num_tokens: int = 10,
                    rank: Optional[int] = None, encoder=None, tokenizer=None, pooling: Optional[str] = None,
                    encoder_cache: bool = False, prompt_layout: str = "auto", assembly_backend: str = "auto",
-                   **prompt_kwargs) -> "PromptTunedModel":
+                   check_inputs: bool = True, **prompt_kwargs) -> "PromptTunedModel":
         """Build the prompt for ``method`` at the model's width and wrap the model.
 
         ULPT: ``rank`` (default 2), ``seed``, ``init``, ``learn_scale``, ``learn_shift``.
@@ -274,9 +286,10 @@ class PromptTunedModel(nn.Module):
         constructor or a local path loaded with :meth:`InstanceEncoder.from_pretrained`;
         ``pooling`` and ``encoder_cache`` configure the encoder.
         PT: ``init`` (``"random"``, ``"vocab"``, ``"text"`` with ``init_text`` and ``tokenizer``).
-        ``prompt_layout`` and ``assembly_backend`` go to the constructor.
+        ``prompt_layout``, ``assembly_backend`` and ``check_inputs`` go to the constructor.
         """
-        wrap = dict(tokenizer=tokenizer, prompt_layout=prompt_layout, assembly_backend=assembly_backend)
+        wrap = dict(tokenizer=tokenizer, prompt_layout=prompt_layout, assembly_backend=assembly_backend,
+                    check_inputs=check_inputs)
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
         dim = base_model.get_input_embeddings().weight.shape[1]
@@ -497,7 +510,7 @@ class PromptTunedModel(nn.Module):
         if self.prompt.needs_encoder:
             self._check_encoder_inputs(input_ids, batch, pooled, encoder_input_ids, encoder_attention_mask,
                                        example_ids)
-        if input_ids is not None and not is_plain_embedding(embedding):
+        if input_ids is not None and not is_plain_embedding(embedding) and self._checks_data():
             _require_ids_in_range("input_ids", input_ids, weight.shape[0], "the embedding table")
 
     def _check_length(self, length: int) -> None:
@@ -545,8 +558,9 @@ class PromptTunedModel(nn.Module):
         if encoder_input_ids is None:
             if input_ids is None:
                 raise ValueError("LoPA needs the encoder's input: pass encoder_input_ids (or input_ids) or pooled=")
-            _require_ids_in_range("input_ids", input_ids, self.base_model.get_input_embeddings().weight.shape[0],
-                                  "the embedding table")
+            if self._checks_data():
+                _require_ids_in_range("input_ids", input_ids, self.base_model.get_input_embeddings().weight.shape[0],
+                                      "the embedding table")
             return
         require_tensor("encoder_input_ids", encoder_input_ids)
         require_ndim("encoder_input_ids", encoder_input_ids, (2,), "(B, L_enc)")
@@ -560,7 +574,7 @@ class PromptTunedModel(nn.Module):
                            "the shape of encoder_input_ids")
             _require_device("encoder_attention_mask", encoder_attention_mask, encoder_device)
         vocab = self.encoder.vocab_size
-        if vocab is not None:
+        if vocab is not None and self._checks_data():
             _require_ids_in_range("encoder_input_ids", encoder_input_ids, vocab, "the encoder's vocabulary")
 
     # ------------------------------------------------------------------ inputs
@@ -629,7 +643,7 @@ class PromptTunedModel(nn.Module):
         offset, pad = self._position
         return assemble_inputs(weight if inputs_embeds is None else None, input_ids, attention_mask, source,
                                inputs_embeds=inputs_embeds, position_offset=offset, pad_position=pad,
-                               backend=self.assembly_backend)
+                               backend=self.assembly_backend, check=self._checks_data())
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
@@ -674,7 +688,8 @@ class PromptTunedModel(nn.Module):
         asm = self._assemble(input_ids, attention_mask, inputs_embeds, pooled)
         model_kwargs = dict(kwargs)
         model_kwargs["inputs_embeds"] = asm.inputs_embeds
-        model_kwargs["attention_mask"] = asm.attention_mask
+        model_kwargs["attention_mask"] = asm.attention_mask if seq2seq or self.task != "causal_lm" else \
+            self._attention_mask(asm.attention_mask, asm.attention_mask.shape[1])
         if self._pass_positions:
             model_kwargs["position_ids"] = asm.position_ids
         if token_type_ids is not None:
@@ -772,7 +787,8 @@ class PromptTunedModel(nn.Module):
         num_items = kwargs.pop("num_items_in_batch", None)
         kwargs.setdefault("use_cache", False)
         rows = dict(input_ids=input_ids) if input_ids is not None else dict(inputs_embeds=inputs_embeds)
-        output = self.base_model(**rows, attention_mask=full_mask, position_ids=positions, return_dict=True,
+        output = self.base_model(**rows, attention_mask=self._attention_mask(full_mask, length),
+                                 position_ids=positions, return_dict=True,
                                  **self._cache_kwargs(self.base_model, rows_cache(state, self.base_model.config, None, batch)),
                                  **kwargs)
         if labels is None:
@@ -783,9 +799,24 @@ class PromptTunedModel(nn.Module):
         loss = causal_lm_loss(state.first_logits.expand(batch, -1), at, output.logits, masked, num_items)
         return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
 
+    def _checks_data(self) -> bool:
+        """Whether to run the checks that read the data (one host sync each): not under
+        torch.compile, not when the caller vouches for its batches (``check_inputs=False``)."""
+        return self.check_inputs and not torch.compiler.is_compiling()
+
+    def _attention_mask(self, key_mask: Tensor, queries: int):
+        """The rows' attention mask: the 2-D padding mask, or -- for batches the caller vouches for,
+        on sdpa / eager attention -- the 4-D causal mask transformers would build from it, so that
+        transformers takes no data-dependent decision (no host sync) either."""
+        implementation = getattr(self.base_model.config, "_attn_implementation", None)
+        if self.check_inputs or implementation not in ("sdpa", "eager"):
+            return key_mask
+        dtype = self.base_model.get_input_embeddings().weight.dtype
+        return padded_attention_mask(key_mask, queries, dtype=dtype, additive=implementation == "eager")
+
     def _check_token_range(self, input_ids: Tensor) -> None:
         weight = self.base_model.get_input_embeddings().weight
-        if not torch.compiler.is_compiling():
+        if self._checks_data():
             _require_ids_in_range("input_ids", input_ids, weight.shape[0], "the embedding table")
 
     def _forward_packed(self, input_ids, position_ids, attention_mask, labels, pooled, kwargs):
@@ -825,8 +856,12 @@ class PromptTunedModel(nn.Module):
         require_tensor("input_ids", input_ids)
         _require_integer("input_ids", input_ids)
         boundaries = {k: kwargs.pop(k) for k in PACKED_KEYS if k in kwargs}
-        seqs = parse_packed(input_ids, position_ids, attention_mask=attention_mask, max_tokens=length_limit(
-            self.base_model), prompt_rows=self.num_virtual_tokens, **boundaries)
+        cu, longest = boundaries.get("cu_seq_lens_q"), boundaries.get("max_length_q")
+        if not self._checks_data() and cu is not None and isinstance(longest, int) and attention_mask is None:
+            seqs = trusted_packed(input_ids, cu, longest)  # the collator's boundaries, read without a sync
+        else:
+            seqs = parse_packed(input_ids, position_ids, attention_mask=attention_mask, max_tokens=length_limit(
+                self.base_model), prompt_rows=self.num_virtual_tokens, **boundaries)
         self._check_token_range(input_ids)
         if labels is not None:
             _require_shape("labels", labels, tuple(input_ids.shape), "the shape of the packed input_ids")
@@ -907,13 +942,15 @@ class PromptTunedModel(nn.Module):
             batch, length = input_ids.shape
             offset, pad = self._position
             full_mask, positions = row_inputs(state.length, attention_mask, batch, length, input_ids.device, offset, pad)
-            out = backbone(input_ids=input_ids, attention_mask=full_mask, position_ids=positions, use_cache=False,
+            out = backbone(input_ids=input_ids, attention_mask=self._attention_mask(full_mask, length),
+                           position_ids=positions, use_cache=False,
                            return_dict=True,
                            **self._cache_kwargs(backbone, rows_cache(state, self.base_model.config, None, batch)))
             return out.last_hidden_state
         pooled = self._instance_vectors(input_ids, attention_mask, pooled, None, None, None)
         asm = self._assemble(input_ids, attention_mask, None, pooled)
-        out = backbone(inputs_embeds=asm.inputs_embeds, attention_mask=asm.attention_mask,
+        out = backbone(inputs_embeds=asm.inputs_embeds,
+                       attention_mask=self._attention_mask(asm.attention_mask, asm.attention_mask.shape[1]),
                        position_ids=asm.position_ids, use_cache=False, return_dict=True)
         return asm.real_tokens(out.last_hidden_state)
 

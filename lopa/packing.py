@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["PackedSequences", "parse_packed", "looks_packed", "block_attention_mask", "PACKED_KEYS"]
+__all__ = ["PackedSequences", "parse_packed", "trusted_packed", "looks_packed", "block_attention_mask",
+           "padded_attention_mask", "PACKED_KEYS"]
 
 PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
@@ -81,6 +82,13 @@ def parse_packed(input_ids: Tensor, position_ids: Optional[Tensor], *, attention
     return PackedSequences(starts, lengths, starts.numel(), n, longest)
 
 
+def trusted_packed(input_ids: Tensor, cu_seq_lens: Tensor, longest: int) -> PackedSequences:
+    """A packed batch the caller has validated, read from the collator's boundaries with no host
+    sync: ``cu_seq_lens`` ``(S+1,)`` and the longest sequence (``max_length_q``, a Python int)."""
+    cu = cu_seq_lens.reshape(-1).to(device=input_ids.device, dtype=torch.int64)
+    return PackedSequences(cu[:-1], cu[1:] - cu[:-1], cu.numel() - 1, input_ids.shape[1], int(longest))
+
+
 def _starts_from(input_ids: Tensor, position_ids: Optional[Tensor], cu_seq_lens: Optional[Tensor],
                  seq_idx: Optional[Tensor]) -> Tensor:
     n = input_ids.shape[1]
@@ -121,6 +129,24 @@ def _starts_from(input_ids: Tensor, position_ids: Optional[Tensor], cu_seq_lens:
     if starts is None:
         raise ValueError("a packed batch needs position_ids restarting at 0 per sequence (or cu_seq_lens_q)")
     return starts
+
+
+def padded_attention_mask(key_mask: Tensor, query_length: int, *, dtype: torch.dtype, additive: bool) -> Tensor:
+    """``(B, 1, Q, K)``: the causal mask transformers builds from a 2-D padding mask, made here so
+    that transformers has no data-dependent decision to take (no host sync).
+
+    ``key_mask`` ``(B, K)``: the real keys (a cached prefix first, then the ``Q`` queries'
+    own positions, ``K >= Q``); query ``i`` sits at key position ``K - Q + i`` and sees the real keys
+    at or before it.
+    """
+    keys = key_mask.shape[1]
+    q = torch.arange(query_length, device=key_mask.device) + (keys - query_length)
+    k = torch.arange(keys, device=key_mask.device)
+    allowed = (k[None, :] <= q[:, None])[None, None] & (key_mask != 0)[:, None, None, :]
+    if not additive:
+        return allowed
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 def block_attention_mask(query_block: Tensor, key_block: Tensor, prefix_keys: Optional[Tensor] = None, *,

@@ -124,8 +124,9 @@ def compute_prefix(base, source, m: int, *, tasks: Optional[Tensor] = None, posi
     plan = plan_prompts_only(tasks, m, position_offset=position_offset)
     embeds = assemble(base.get_input_embeddings().weight, plan, source, task_ids=chosen, backend=backend)
     module = base if logits else base.base_model
-    kwargs = dict(inputs_embeds=embeds, attention_mask=plan.attention_mask, position_ids=plan.position_ids,
-                  use_cache=True, return_dict=True)
+    # No attention mask: every prompt position is real, and a mask of ones would only make
+    # transformers check it on the host.
+    kwargs = dict(inputs_embeds=embeds, position_ids=plan.position_ids, use_cache=True, return_dict=True)
     if logits and accepts(base, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
     out = module(**kwargs)

@@ -228,3 +228,47 @@ def test_training_step_compiles_with_fullgraph(method, one_thread):
     _close(loss, eager, 1e-5)
     for a, b in zip(g_compiled, g_eager):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- validated batches
+@pytest.mark.parametrize("method,layout", [("pt", "auto"), ("ulpt", "auto"), ("ulpt", "inline"), ("lopa", "auto")])
+@pytest.mark.parametrize("packed", [False, True])
+def test_validated_batches_run_a_step_without_host_reads(method, layout, packed, one_thread):
+    """check_inputs=False: the caller vouches for its batches, so a training step reads nothing back
+    on the host (what would be a GPU sync): same loss and gradients as the checked step."""
+    from lopa.testing import count_host_reads
+
+    model = _model("llama", method, prompt_layout=layout)
+    if packed:
+        features = _features([4, 2, 5], seed=7)
+        batch = _packed(features)
+    else:
+        ids, mask = tm.batch(3, 6, seed=7)
+        batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    if method == "lopa":
+        batch["pooled"] = torch.randn(3, model.prompt.encoder_dim, generator=torch.Generator().manual_seed(1))
+    checked = model(**batch)
+    g_checked = _grads(checked.loss, model)
+    model.check_inputs = False
+    with count_host_reads() as reads:
+        trusted = model(**batch)
+        g_trusted = _grads(trusted.loss, model)
+    assert reads.reads == []
+    _close(trusted.loss, checked.loss, 1e-6)
+    for a, b in zip(g_trusted, g_checked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_validated_step_has_no_cuda_sync():
+    model = _model("llama", "ulpt").cuda()
+    model.check_inputs = False
+    ids, mask = tm.batch(3, 6, seed=7)
+    ids, mask = ids.cuda(), mask.cuda()
+    model(ids, mask, labels=ids)  # warm up (first calls may load kernels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(ids, mask, labels=ids).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
