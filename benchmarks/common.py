@@ -166,9 +166,22 @@ def _upstream_gradient(out):
 
 
 # ----------------------------------------------------------------------------- measuring
-def _sync(device: torch.device):
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): call it around a timed region."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def spread(times_ms: List[float]) -> Dict[str, float]:
+    """Median and 20th / 80th percentiles (nearest rank below) of a list of timings in ms."""
+    times = sorted(times_ms)
+    if not times:
+        raise ValueError("spread() needs at least one timing")
+    return {
+        "median_ms": statistics.median(times),
+        "p20_ms": times[int(0.2 * (len(times) - 1))],
+        "p80_ms": times[int(0.8 * (len(times) - 1))],
+    }
 
 
 def time_ms(run: Callable, device: torch.device, min_time_s: float = 0.2, max_reps: int = 200,
@@ -203,14 +216,9 @@ def time_ms(run: Callable, device: torch.device, min_time_s: float = 0.2, max_re
         start = time.perf_counter()
         run()
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    median = statistics.median(times)
-    return {
-        "median_ms": median,
-        "p20_ms": times[int(0.2 * (len(times) - 1))],
-        "p80_ms": times[int(0.8 * (len(times) - 1))],
-        "call_ms": median,
-    }
+    result = spread(times)
+    result["call_ms"] = result["median_ms"]
+    return result
 
 
 def peak_bytes(run: Callable, device: torch.device) -> int:
