@@ -155,5 +155,8 @@ def test_bad_requests_are_isolated_and_the_rest_is_scored():
         PromptBank(tm.WIDTH).classify(good, [1, 2])
     with pytest.raises(ValueError, match="encoder-decoder"):
         PromptBank.for_model(tm.t5()).classify(good, [1, 2])
+    for other, task in ((tm.llama("seq_cls"), "seq_cls"), (tm.bert("masked_lm"), "masked_lm")):
+        with pytest.raises(ValueError, match=f"last token of a causal LM; .* is a {task} model"):
+            PromptBank.for_model(other).classify(good, [1, 2])
     with pytest.raises(ValueError, match="max_batch_size must be a positive int"):
         bank.classify(good, [1, 2], max_batch_size=0)

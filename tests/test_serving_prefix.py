@@ -280,15 +280,18 @@ def test_a_bad_prompt_layout_is_refused_naming_the_choices(layout):
         bank.classify(_requests(1, count=2), [5, 6], prompt_layout=layout)
 
 
-def test_bfloat16_model_and_bank_take_the_prefix_path_too():
-    model = tm.llama().to(torch.bfloat16)
-    bank = PromptBank.for_model(model, dtype=torch.bfloat16)
+@pytest.mark.parametrize("model_dtype,bank_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                                    (torch.bfloat16, torch.float32)])
+def test_half_precision_models_and_banks_take_the_prefix_path_too(model_dtype, bank_dtype):
+    model = tm.llama().to(model_dtype)
+    bank = PromptBank.for_model(model, dtype=bank_dtype)
     bank.add("u", _trained_like(lopa.ULPTPrompt(5, tm.WIDTH, 2, seed=1), 1))
     bank.add("p", _trained_like(lopa.PromptTuning(3, tm.WIDTH), 2))
     requests = [("u", [5, 6, 7]), ("p", [8, 9]), ("u", [10])]
     ours, start = _last_logits(bank, requests, "auto")
     assert start.cached_rows == [0, 1, 2]
-    torch.testing.assert_close(ours, _last_logits(bank, requests, "inline")[0], rtol=2e-2, atol=2e-2)
+    tolerance = 2e-2 if model_dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(ours, _last_logits(bank, requests, "inline")[0], rtol=tolerance, atol=tolerance)
 
 
 # ----------------------------------------------------------------------------- vLLM's prefix cache

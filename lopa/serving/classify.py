@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lopa.hf import is_encoder_decoder
+from lopa.hf import detect_task, is_encoder_decoder
 from lopa.serving.labels import Label, check_label_words, label_token_ids
 from lopa.serving.prefill import check_layout, prefill
 from lopa.serving.requests import RequestError, Row
@@ -52,6 +52,10 @@ class Classification:
 def _decoder_and_head(model):
     if is_encoder_decoder(model):
         raise ValueError("classify() scores decoder-only causal LMs; an encoder-decoder is not supported")
+    task = detect_task(model)
+    if task != "causal_lm":
+        raise ValueError(f"classify() scores the label words at the last token of a causal LM; {type(model).__name__} "
+                         f"is a {task} model")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     decoder = getattr(model, "base_model", None)
     if head is None or not hasattr(head, "weight") or decoder is None or decoder is model:
