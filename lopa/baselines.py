@@ -3,10 +3,10 @@
 * :class:`IDPGPrompt` -- instance-dependent prompt generation (Wu et al., 2022, the
   M-IDPG form with a plain MLP): the whole ``(m, d)`` prompt is generated from the frozen
   encoder's pooled vector ``h(x)``: Dropout → Linear(h→H) → tanh → Linear(H→m·d).  Large:
-  ``h·H + H + H·m·d + m·d`` parameters.  LoPA's paper compares against it (SPEC §1).
+  ``h·H + H + H·m·d + m·d`` parameters.  LoPA's paper compares against it (docs/math.md §1).
 * :class:`DPTPrompt` -- decomposed prompt tuning (Xiao et al., 2023): the prompt is
   ``A · B`` with ``A`` ``(n, r)`` and ``B`` ``(r, d)``, both trainable: ``r·(n + d)``
-  parameters.  ULPT's paper compares against it (``r = 10``, SPEC §2).  ``init="vocab"``
+  parameters.  ULPT's paper compares against it (``r = 10``, docs/math.md §2).  ``init="vocab"``
   (default) starts from the rank-r truncated SVD of n embedding rows sampled from the
   model's vocabulary, as DPT initialises from a prompt-tuning prompt; ``"random"`` draws
   ``A ~ N(0, 1)``, ``B ~ N(0, 1/r)``.

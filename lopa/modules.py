@@ -17,7 +17,7 @@ and half-precision prompt parameters lose the updates of a small learning rate. 
 prompt math runs with autocast disabled; the assembly casts the result once into the
 model's dtype.
 
-Initialisations (SPEC.md): ULPT ``z ~ N(0, 1)``, ``scale = 1``, ``shift = 0``, P from the
+Initialisations (docs/math.md): ULPT ``z ~ N(0, 1)``, ``scale = 1``, ``shift = 0``, P from the
 seed (:func:`lopa.ulpt_projection`, a non-persistent buffer: never saved); LoPA
 ``Z_S ~ N(0, 1)`` or rows sampled from the vocabulary, head weights ``N(0, 0.02)``,
 biases 0; prompt tuning ``N(0, 1)`` (as PEFT's ``RANDOM``), sampled vocabulary rows, or
@@ -150,7 +150,7 @@ class PromptModule(nn.Module):
 
 # ----------------------------------------------------------------------------- ULPT
 class ULPTPrompt(PromptModule):
-    """ULPT (SPEC §2): ``E = (z @ P) * scale + shift`` with P frozen and regenerated from ``seed``.
+    """ULPT (docs/math.md §2): ``E = (z @ P) * scale + shift`` with P frozen and regenerated from ``seed``.
 
     Trainable: ``z`` ``(n, r)`` (``N(0, 1)``), ``scale`` ``(d,)`` (1) and ``shift`` ``(d,)`` (0),
     i.e. ``n·r + 2d`` parameters.  ``learn_scale=False`` / ``learn_shift=False`` fix them at
@@ -351,7 +351,7 @@ def _combined_row(zs: Tensor, u: Tensor, v: Tensor, task_id: Tensor, combine: st
 
 
 class LoPAPrompt(PromptModule):
-    """LoPA (SPEC §1): ``Z = Z_S ⊙ σ(u(x) v(x))`` from the frozen encoder's pooled vector.
+    """LoPA (docs/math.md §1): ``Z = Z_S ⊙ σ(u(x) v(x))`` from the frozen encoder's pooled vector.
 
     ``Z_S`` ``(m, d)`` is shared by all instances; the u head maps the pooled vector
     ``(B, h)`` through Dropout → Linear(h→H) → tanh → Linear(H→m·r) to ``u`` ``(B, m, r)``,
