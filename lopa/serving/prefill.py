@@ -155,23 +155,25 @@ def _batch_cache(bank, entries: List[Optional[PrefixEntry]], length: int):
     """A DynamicCache whose row ``b`` holds ``entries[b]`` right-aligned in ``length`` columns
     (zeros before it; all zeros for ``None``)."""
     present = [e for e in entries if e is not None]
-    distinct = list({id(e.kv): e for e in present}.values())
-    index = {id(e.kv): k for k, e in enumerate(distinct)}
-    first = distinct[0].kv
-    if len(present) == len(entries) and all(e.length == length for e in distinct):
-        rows = torch.tensor([index[id(e.kv)] for e in entries], device=first.device)
-        full = torch.stack([e.kv for e in distinct]).index_select(0, rows)
+    first = present[0].kv
+    if len(present) == len(entries) and all(e.length == length for e in present):  # no padding: one gather
+        full = _gathered(entries)
     else:
         full = first.new_zeros((len(entries), *first.shape[:3], length, first.shape[4]))
-        for m in sorted({e.length for e in distinct}):
+        for m in sorted({e.length for e in present}):
             group = [b for b, e in enumerate(entries) if e is not None and e.length == m]
-            sources = torch.stack([e.kv for e in distinct if e.length == m])
-            local = {id(e.kv): k for k, e in enumerate(e for e in distinct if e.length == m)}
-            pick = torch.tensor([local[id(entries[b].kv)] for b in group], device=first.device)
-            full[torch.tensor(group, device=first.device), ..., length - m:, :] = sources.index_select(0, pick)
+            full[torch.tensor(group, device=first.device), ..., length - m:, :] = _gathered([entries[b] for b in group])
     keys = [full[:, layer, 0] for layer in range(full.shape[1])]
     values = [full[:, layer, 1] for layer in range(full.shape[1])]
     return rows_cache(SharedPrefix(keys, values, length, None, None), bank.model.config, None, len(entries))
+
+
+def _gathered(entries: List[PrefixEntry]) -> Tensor:
+    """``(len(entries), ...)``: the entries stacked, each distinct tensor stacked once."""
+    distinct = {id(e.kv): e.kv for e in entries}
+    order = {key: k for k, key in enumerate(distinct)}
+    pick = torch.tensor([order[id(e.kv)] for e in entries], device=entries[0].kv.device)
+    return torch.stack(list(distinct.values())).index_select(0, pick)
 
 
 # ----------------------------------------------------------------------------- the batch
@@ -194,21 +196,28 @@ def prefill(bank, rows: List[Row], prompt_layout: str = "auto", backend: Optiona
             raise ValueError("prompt_layout='prefix' but the model cannot take a cached prompt prefix: "
                              f"{bank.prefix_unsupported_reason()}")
         return Prefill.of_batch(bank.build(rows, padding_side="left", backend=backend))
+    return _behind_prefixes(bank, rows, cached, entries, backend)
+
+
+def _behind_prefixes(bank, rows: List[Row], cached: List[int], entries: Dict[str, PrefixEntry],
+                     backend: Optional[str]) -> Prefill:
+    """The batch with rows ``cached`` behind their task's prefix, the others inline."""
     tokens = bank.build_tokens([rows[b] for b in cached], backend=backend)
     lengths = [entries[rows[b].task].length for b in cached]
     shift = torch.tensor(lengths, dtype=torch.int64, device=tokens.position_ids.device)[:, None]
     tokens.position_ids = tokens.position_ids + shift * tokens.attention_mask  # tokens continue after the prefix
-    inline = [b for b in range(len(rows)) if b not in set(cached)]
     parts = [(cached, tokens)]
+    is_cached = set(cached)
+    inline = [b for b in range(len(rows)) if b not in is_cached]
     if inline:
         parts.append((inline, bank.build([rows[b] for b in inline], padding_side="left", backend=backend)))
     embeds, mask, positions = _merged(bank, parts, len(rows))
     longest = max(lengths)
-    per_row = [None] * len(rows)
-    for b in cached:
-        per_row[b] = entries[rows[b].task]
+    per_row: List[Optional[PrefixEntry]] = [None] * len(rows)
     prefix_length = torch.zeros(len(rows), dtype=torch.int64)
-    prefix_length[cached] = torch.tensor(lengths)
+    for b, m in zip(cached, lengths):
+        per_row[b] = entries[rows[b].task]
+        prefix_length[b] = m
     prefix_mask = torch.arange(longest)[None, :] >= (longest - prefix_length)[:, None]
     full_mask = torch.cat([prefix_mask.to(device=mask.device, dtype=mask.dtype), mask], dim=1)
     return Prefill(embeds, full_mask, positions, _batch_cache(bank, per_row, longest), longest, cached)
