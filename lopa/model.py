@@ -86,6 +86,7 @@ from torch import Tensor, nn
 from lopa._validation import INT_DTYPES, require_float_dtype, require_ndim, require_size, require_tensor, shape_str
 from lopa.assemble import AssembledInputs, assemble, assemble_inputs, insert_virtual, left_align, take_positions
 from lopa.encoders import resolve_encoder, saved_encoder, shares_model
+from lopa.fsdp import readable_weight, replicate_across_shards, sharded_parameter_names, unshard_path
 from lopa.hf import (
     accepts,
     accepts_var_keywords,
@@ -237,7 +238,7 @@ class PromptTunedModel(nn.Module):
         for p in base_model.parameters():
             p.requires_grad_(False)
         if prompt.needs_embedding_init:
-            prompt.initialize_from_embeddings(embedding.weight)
+            prompt.initialize_from_embeddings(readable_weight(base_model, embedding))
         prompt.to(embedding.weight.device)
 
         self.encoder_is_base = False
@@ -340,6 +341,12 @@ class PromptTunedModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list:
+        """What DistributedDataParallel must not broadcast or reduce: FSDP2's shards of the base model
+        (DDP over an FSDP2-sharded model then replicates the prompt only)."""
+        return sharded_parameter_names(self)
 
     def get_nb_trainable_parameters(self):
         """``(trainable, all)`` parameter counts, as in PEFT (shared parameters counted once)."""
@@ -601,7 +608,12 @@ class PromptTunedModel(nn.Module):
                     "tokenized with the encoder's tokenizer, or precomputed pooled= vectors"
                 )
             encoder_input_ids, encoder_attention_mask = input_ids, attention_mask
-        return self.encoder(encoder_input_ids, encoder_attention_mask, keys=example_ids)
+        return self._encode(encoder_input_ids, encoder_attention_mask, keys=example_ids)
+
+    def _encode(self, input_ids, attention_mask, keys=None) -> Tensor:
+        if self.encoder_is_base:  # FSDP2: the backbone runs outside the base model's forward
+            unshard_path(self, self.encoder.backbone)
+        return self.encoder(input_ids, attention_mask, keys=keys)
 
     def get_prompt(self, batch_size: Optional[int] = None, task_ids=None, *, pooled: Optional[Tensor] = None
                    ) -> Tensor:
@@ -637,7 +649,7 @@ class PromptTunedModel(nn.Module):
     def _assemble(self, input_ids, attention_mask, inputs_embeds, pooled) -> AssembledInputs:
         source = self.prompt.prompt_source(pooled)
         embedding = self.base_model.get_input_embeddings()
-        weight = embedding.weight
+        weight = readable_weight(self, embedding) if inputs_embeds is None else None
         if inputs_embeds is None and input_ids is not None and not is_plain_embedding(embedding):
             inputs_embeds, input_ids = embedding(input_ids), None  # scaled / custom embeddings
         offset, pad = self._position
@@ -659,6 +671,7 @@ class PromptTunedModel(nn.Module):
         if kwargs.get("shift_labels") is not None:
             raise ValueError("shift_labels: pass labels (B, L) for the input tokens; the prompt positions shift them, "
                              "so PromptTunedModel builds the shifted labels itself")
+        replicate_across_shards(self, self.prompt)  # FSDP2: the prompt stays replicated, its gradients averaged
         if looks_packed(input_ids, position_ids, kwargs):
             return self._returned(self._forward_packed(input_ids, position_ids, attention_mask, labels, pooled, kwargs),
                                   return_dict)
@@ -901,11 +914,11 @@ class PromptTunedModel(nn.Module):
         k = torch.arange(width, device=input_ids.device)
         index = (seqs.starts[:, None] + k[None, :]).clamp(max=seqs.total - 1)
         mask = (k[None, :] < seqs.lengths[:, None]).to(torch.int64)
-        return self.encoder(input_ids[0][index] * mask, mask)
+        return self._encode(input_ids[0][index] * mask, mask)
 
     def _packed_embeds(self, input_ids, seqs: PackedSequences, pooled):
         embedding = self.base_model.get_input_embeddings()
-        table, token_ids = embedding.weight, input_ids
+        table, token_ids = readable_weight(self, embedding), input_ids
         if not is_plain_embedding(embedding):  # scaled / custom embeddings: embed the tokens first
             table = embedding(input_ids)[0]
             token_ids = torch.arange(seqs.total, device=input_ids.device)[None]
@@ -924,6 +937,8 @@ class PromptTunedModel(nn.Module):
         the completion positions) without a ``(B, L, V)`` logits tensor.
         """
         backbone = self.base_model.base_model
+        replicate_across_shards(self, self.prompt)
+        unshard_path(self, backbone)  # FSDP2: the backbone runs outside the base model's forward
         if looks_packed(input_ids, position_ids, packed):
             seqs = self._parse_packed(input_ids, position_ids, attention_mask, None, pooled, packed)
             state = self._prefix_or_none(logits=False) if self.prompt_layout == "shared_prefix" else None
@@ -967,6 +982,7 @@ class PromptTunedModel(nn.Module):
         """
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
+        unshard_path(self, self.base_model)  # FSDP2: generate is no forward, so no hook gathers the root's weights
         if self._adapter_disabled:
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if input_ids is None:

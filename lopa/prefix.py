@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lopa.assemble import assemble
+from lopa.fsdp import readable_weight, unshard_path
 from lopa.hf import accepts
 from lopa.layout import first_token_index, plan_prompts_only, position_ids_from_mask
 
@@ -122,8 +123,10 @@ def compute_prefix(base, source, m: int, *, tasks: Optional[Tensor] = None, posi
     if tasks is None:
         tasks = torch.zeros(1, dtype=torch.int64, device=device)
     plan = plan_prompts_only(tasks, m, position_offset=position_offset)
-    embeds = assemble(base.get_input_embeddings().weight, plan, source, task_ids=chosen, backend=backend)
+    embeds = assemble(readable_weight(base, base.get_input_embeddings()), plan, source, task_ids=chosen,
+                      backend=backend)
     module = base if logits else base.base_model
+    unshard_path(base, module)  # FSDP2: the backbone alone runs outside the base model's forward
     # No attention mask: every prompt position is real, and a mask of ones would only make
     # transformers check it on the host.
     kwargs = dict(inputs_embeds=embeds, position_ids=plan.position_ids, use_cache=True, return_dict=True)
