@@ -45,7 +45,6 @@ from torch import Tensor
 NAMESPACE = "lopa"
 # Every lopa op is defined through this fragment, which keeps the registrations alive.
 LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
-SLOTS = ("cpu", "cuda", "reference")
 
 
 class Backward(NamedTuple):
@@ -73,10 +72,6 @@ class Op:
     @property
     def overload(self):
         return getattr(torch.ops.lopa, self.name).default
-
-    def available(self, slot: str) -> bool:
-        """Whether ``slot`` ("cpu", "cuda") has its own host function (loading it if needed)."""
-        return self._loaded(slot) is not None
 
     def host(self, slot: str, args: Sequence) -> Callable:
         """The host function slot ``slot`` runs for ``args``: its own, or the reference."""
