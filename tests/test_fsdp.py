@@ -1,7 +1,7 @@
 """FSDP2: ``torchrun --nproc_per_node 2`` (gloo, CPU) on a tiny Llama sharded with ``fully_shard`` gives the
 losses, prompt gradients and trained prompt of one process on the two ranks' batches together, for the
-shared prefix (ULPT) and the inline layout (LoPA, PT, ULPT), with FSDP2 on the base only, in accelerate's
-layout (embedding and head their own units, the prompt ignored) and under DDP."""
+shared prefix (ULPT, PT) and the inline layout (LoPA, PT, ULPT), with FSDP2 on the base only, with
+accelerate's own FSDP2 preparation (the prompt an ignored module) and with DDP on top."""
 import os
 import subprocess
 import sys
@@ -55,10 +55,12 @@ def _single(case):
 @pytest.mark.parametrize("case", worker.CASES, ids=["-".join(c) for c in worker.CASES])
 def test_two_ranks_equal_one_process_on_the_union(ranks, case):
     r0, r1 = ranks[0][case], ranks[1][case]
+    if "skipped" in r0:
+        pytest.skip(r0["skipped"])
     model, history = _single(case)
     assert r0["sharded"].startswith("FSDP"), "the decoder layers were not sharded"
     assert r0["layout"] == r1["layout"] == model.prompt_layout
-    assert model.prompt_layout == ("shared_prefix" if case[:2] == ("ulpt", "auto") else "inline")
+    assert model.prompt_layout == ("shared_prefix" if case[1] == "auto" and case[0] != "lopa" else "inline")
     for step, (loss, grads) in enumerate(history):
         (l0, g0), (l1, g1) = r0["history"][step], r1["history"][step]
         torch.testing.assert_close((l0 + l1) / 2, loss, rtol=1e-5, atol=1e-6, msg=f"step {step}: loss")
