@@ -344,9 +344,15 @@ class PromptTunedModel(nn.Module):
 
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list:
-        """What DistributedDataParallel must not broadcast or reduce: FSDP2's shards of the base model
-        (DDP over an FSDP2-sharded model then replicates the prompt only)."""
-        return sharded_parameter_names(self)
+        """What DistributedDataParallel must not broadcast or reduce: the names set by
+        ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`` and FSDP2's shards of
+        the base model (DDP over an FSDP2-sharded model then replicates the prompt only)."""
+        names = list(getattr(self, "_ddp_ignored_names", ()))
+        return names + [n for n in sharded_parameter_names(self) if n not in names]
+
+    @_ddp_params_and_buffers_to_ignore.setter
+    def _ddp_params_and_buffers_to_ignore(self, names) -> None:
+        self._ddp_ignored_names = list(names)
 
     def get_nb_trainable_parameters(self):
         """``(trainable, all)`` parameter counts, as in PEFT (shared parameters counted once)."""

@@ -103,3 +103,10 @@ def test_helpers_are_no_ops_without_a_process_group():
     assert fsdp.sharded_parameter_names(model) == [] and model._ddp_params_and_buffers_to_ignore == []
     assert fsdp.replicate_across_shards(model, model.prompt) is False
     fsdp.unshard_path(model, embedding)  # nothing to gather
+
+
+def test_ddp_ignore_list_can_still_be_set():
+    """DDP's own helper for excluding weights (lopa's trainer uses it) writes the attribute lopa reads."""
+    model = lopa.PromptTunedModel.for_method(tm.llama(seed=0), "pt", num_tokens=2)
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["a", "b"])
+    assert model._ddp_params_and_buffers_to_ignore == ["a", "b"]
