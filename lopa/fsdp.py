@@ -9,6 +9,9 @@ read or call needs -- the same all-gather the module's own pre-forward would do,
 earlier, so nothing is gathered twice -- and FSDP reshards them as usual (after their
 forward, or after backward for a root).
 
+The prompt is not sharded (a few kB): :func:`replicate_across_shards` keeps it the same on
+every process and averages its gradients, as DDP would, so a sharded base needs no wrapper.
+
 Without an initialised process group everything here is a no-op that costs one check.
 """
 from __future__ import annotations
@@ -73,7 +76,7 @@ def _settle_root(module: nn.Module) -> None:
     forward runs the same initialisation.
     """
     state = module._get_fsdp_state()
-    if getattr(state, "_is_root", True) is None:
+    if getattr(state, "_is_root", True) is None and len(getattr(state, "_modules", ())) == 1:
         state._lazy_init()
 
 
