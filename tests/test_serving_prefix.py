@@ -271,6 +271,21 @@ def test_lopa_only_batches_run_the_inline_path_unchanged():
     assert torch.equal(start.attention_mask, batch.attention_mask)
 
 
+def test_a_prefix_is_computed_without_dropout_even_when_the_model_is_training():
+    """A kept prefix serves every later call: it must not carry one call's dropout mask."""
+    model = tm.llama(attention_dropout=0.5)
+    bank = _bank(model)
+    rows = bank.parse([("pt", [5, 6])]).rows
+    model.train()
+    prefill(bank, rows)
+    assert model.training  # left as it was
+    kept = bank.prefix_cache.get("pt", bank.registry.revision("pt")).kv
+    model.eval()
+    bank.clear_prefix_cache()
+    prefill(bank, rows)
+    assert torch.equal(kept, bank.prefix_cache.get("pt", bank.registry.revision("pt")).kv)
+
+
 @pytest.mark.parametrize("layout", ["cached", "", None, 1])
 def test_a_bad_prompt_layout_is_refused_naming_the_choices(layout):
     bank = _bank(tm.llama())

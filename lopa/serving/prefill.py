@@ -136,18 +136,24 @@ def task_prefixes(bank, rows: List[Row], backend: str) -> Optional[Dict[str, Pre
             found[r.task] = entry
         else:
             missing.setdefault(id(r.sub), [r.sub, []])[1].append((r.task, r.task_id, revision))
-    for sub, todo in missing.values():
-        tasks = torch.tensor([task_id for _, task_id, _ in todo], dtype=torch.int64, device=bank.device)
-        try:
-            shared = compute_prefix(bank.model, _prompt_source(sub), sub.num_virtual_tokens, tasks=tasks,
-                                    position_offset=bank.binding.position_offset, backend=backend, logits=False)
-            entries = _entries(shared)
-        except PrefixUnsupported as exc:
-            bank.refuse_prefix(str(exc))
-            return None
-        for (name, _, revision), entry in zip(todo, entries):
-            cache.put(name, revision, entry)
-            found[name] = entry
+    model = bank.model
+    was_training = model.training
+    model.eval()  # a kept prefix must not carry one call's dropout mask
+    try:
+        for sub, todo in missing.values():
+            tasks = torch.tensor([task_id for _, task_id, _ in todo], dtype=torch.int64, device=bank.device)
+            try:
+                shared = compute_prefix(model, _prompt_source(sub), sub.num_virtual_tokens, tasks=tasks,
+                                        position_offset=bank.binding.position_offset, backend=backend, logits=False)
+                entries = _entries(shared)
+            except PrefixUnsupported as exc:
+                bank.refuse_prefix(str(exc))
+                return None
+            for (name, _, revision), entry in zip(todo, entries):
+                cache.put(name, revision, entry)
+                found[name] = entry
+    finally:
+        model.train(was_training)
     return found
 
 
