@@ -10,9 +10,10 @@
 //                   kind 3 gate  zs[slot, i] * sigmoid(u[k, i] @ v[k])  (LoPA, instance k)
 //                 computed in float32 (double for double) and rounded once into out's dtype.
 //
-// Every index read from the plan is range-checked before any memory is touched: the ops can
-// be called directly (torch.ops), so a bad plan must give an error, never a stray read.
-// Python side: lopa/assemble.py (dispatch, autograd), lopa/layout.py (the plan).
+// Every index read from the plan is range-checked before any memory is touched: the kernels
+// can be called directly (lopa._C, torch.ops.lopa.assemble), so a bad plan must give an error,
+// never a stray read.  Python side: lopa/assemble.py (the op lopa::assemble: dispatch,
+// autograd), lopa/layout.py (the plan).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -71,6 +72,10 @@ void check_blocks(const at::Tensor& blocks, int64_t rows, int64_t length, int64_
 }
 
 // ----------------------------------------------------------------------------- tokens
+}  // namespace
+
+namespace lopa {
+
 void place_tokens(at::Tensor out, const at::Tensor& table, const at::Tensor& blocks, const at::Tensor& position_block,
                   const at::Tensor& token_ids, int64_t pad_id) {
   TORCH_CHECK(out.dim() == 3 && out.is_contiguous() && out.device().is_cpu(),
@@ -117,6 +122,10 @@ void place_tokens(at::Tensor out, const at::Tensor& table, const at::Tensor& blo
     });
   });
 }
+
+}  // namespace lopa
+
+namespace {
 
 // ----------------------------------------------------------------------------- prompts
 struct PromptTarget {
@@ -247,8 +256,12 @@ void check_prompt_source(int64_t kind, const std::vector<at::Tensor>& src, int64
   }
 }
 
+}  // namespace
+
+namespace lopa {
+
 void place_prompt(at::Tensor out, const at::Tensor& blocks, const at::Tensor& block_index, const at::Tensor& slots,
-                  int64_t kind, std::vector<at::Tensor> source) {
+                  int64_t kind, const std::vector<at::Tensor>& source) {
   TORCH_CHECK(out.dim() == 3 && out.is_contiguous() && out.device().is_cpu(),
               "lopa_cpp: out must be a contiguous CPU (R, T, d) tensor, got ", out.sizes());
   const int64_t R = out.size(0), T = out.size(1), D = out.size(2);
@@ -284,18 +297,4 @@ void place_prompt(at::Tensor out, const at::Tensor& blocks, const at::Tensor& bl
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(lopa_cpp, m) {
-  m.def(
-      "place_tokens(Tensor(a!) out, Tensor table, Tensor blocks, Tensor position_block, Tensor token_ids, "
-      "int pad_id) -> ()");
-  m.def(
-      "place_prompt(Tensor(a!) out, Tensor blocks, Tensor block_index, Tensor task_ids, int kind, "
-      "Tensor[] source) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(lopa_cpp, CPU, m) {
-  m.impl("place_tokens", &place_tokens);
-  m.impl("place_prompt", &place_prompt);
-}
+}  // namespace lopa

@@ -32,6 +32,11 @@ at::Tensor ulpt_fwd(const at::Tensor& z, const at::Tensor& proj, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ulpt_bwd(
     const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& proj, const at::Tensor& scale,
     const std::optional<at::Tensor>& task_ids, bool need_z, bool need_proj, bool need_scale, bool need_shift);
+// assemble.cpp
+void place_tokens(at::Tensor out, const at::Tensor& table, const at::Tensor& blocks, const at::Tensor& position_block,
+                  const at::Tensor& token_ids, int64_t pad_id);
+void place_prompt(at::Tensor out, const at::Tensor& blocks, const at::Tensor& block_index, const at::Tensor& task_ids,
+                  int64_t kind, const std::vector<at::Tensor>& source);
 }  // namespace lopa
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -47,6 +52,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ulpt_bwd", &lopa::ulpt_bwd, py::arg("grad_out"), py::arg("z"), py::arg("proj"), py::arg("scale"),
         py::arg("task_ids"), py::arg("need_z"), py::arg("need_proj"), py::arg("need_scale"), py::arg("need_shift"),
         "ULPT backward: (dz, dproj, dscale, dshift); a gradient not needed comes back empty.");
+  m.def("place_tokens", &lopa::place_tokens, py::arg("out"), py::arg("table"), py::arg("blocks"),
+        py::arg("position_block"), py::arg("token_ids"), py::arg("pad_id"),
+        "Input assembly, in place: every non-prompt position of out (R, T, d) from the table (see lopa/layout.py).");
+  m.def("place_prompt", &lopa::place_prompt, py::arg("out"), py::arg("blocks"), py::arg("block_index"),
+        py::arg("task_ids"), py::arg("kind"), py::arg("source"),
+        "Input assembly, in place: the prompt rows of the given blocks (kind 1 copy, 2 ULPT, 3 LoPA gate).");
   m.def("set_poison_outputs", &lopa::set_poison_outputs, py::arg("enabled"),
         "While on, every tensor these kernels return is NaN-filled before the kernel writes it "
         "(a test hook that exposes unwritten elements).");

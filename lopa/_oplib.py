@@ -150,13 +150,24 @@ def _checked(fn: Callable, check: Optional[Callable]) -> Callable:
     return checked
 
 
+def _save_inputs(ctx, inputs: Sequence) -> None:
+    """Save an op's inputs for its backward: the tensors through ``save_for_backward``, the other
+    arguments (ints, bools, strings of the schema) as they are."""
+    ctx.save_for_backward(*[a if isinstance(a, Tensor) else None for a in inputs])
+    ctx.constants = tuple(None if isinstance(a, Tensor) else a for a in inputs)
+
+
+def _saved_inputs(ctx) -> tuple:
+    return tuple(t if t is not None else c for t, c in zip(ctx.saved_tensors, ctx.constants))
+
+
 def _register_autograd(op: Op, backward: Backward) -> None:
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        _save_inputs(ctx, inputs)
 
     def backward_formula(ctx, grad_out):
         needs = ctx.needs_input_grad
-        grads = backward.grads(backward.op.overload, grad_out, ctx.saved_tensors, needs)
+        grads = backward.grads(backward.op.overload, grad_out, _saved_inputs(ctx), needs)
         return _only_needed(grads, needs)
 
     torch.library.register_autograd(op.qualname, backward_formula, setup_context=setup_context, lib=LIBRARY)
@@ -169,13 +180,13 @@ def _eager_function(op: Op):
         @staticmethod
         def forward(ctx, slot, *inputs):
             ctx.slot = slot
-            ctx.save_for_backward(*inputs)
+            _save_inputs(ctx, inputs)
             return op.host(slot, inputs)(*inputs)
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad_out):
-            inputs = ctx.saved_tensors
+            inputs = _saved_inputs(ctx)
             needs = ctx.needs_input_grad[1:]
             bwd = op.backward.op
 

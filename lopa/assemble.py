@@ -34,9 +34,11 @@ import torch
 from torch import Tensor
 
 from lopa import _backends
+from lopa._oplib import Backward, define_op
 from lopa._poison import new_output
 from lopa._validation import FLOAT_DTYPES, INT_DTYPES, check_task_ids, require_tensor, shape_str
 from lopa.layout import (
+    BLOCK_FIELDS,
     LayoutPlan,
     first_token_index,
     plan_padded,
@@ -259,68 +261,54 @@ def place_prompt_reference(out: Tensor, blocks: Tensor, block_index: Tensor, tas
 
 # ----------------------------------------------------------------------------- dispatch
 class Executor(NamedTuple):
-    """One backend's pair of in-place kernels (see the module docstring)."""
+    """One kernel family's pair of in-place kernels (see the module docstring)."""
 
     name: str
     place_tokens: Any
     place_prompt: Any
 
 
-_EXECUTORS: dict = {}
+def _cpp_executor() -> Optional[Executor]:
+    module = _backends._load_cpp()[0]
+    if module is None or not hasattr(module, "place_prompt"):  # not built, or built before the assembly
+        return None
+    return Executor("cpp", module.place_tokens, module.place_prompt)
 
 
-def _executor(name: str) -> Executor:
-    # A plain dict cache: torch.compile traces dict reads, not lru_cache wrappers.
-    if name not in _EXECUTORS:
-        _EXECUTORS[name] = _load_executor(name)
-    return _EXECUTORS[name]
-
-
-def _load_executor(name: str) -> Executor:
-    if name == "reference":
-        return Executor("reference", place_tokens_reference, place_prompt_reference)
-    if name == "cpp":
-        ops = torch.ops.lopa_cpp
-        return Executor("cpp", ops.place_tokens, ops.place_prompt)
+def _triton_executor() -> Optional[Executor]:
+    if not _backends.triton_installed():
+        return None
     from lopa.kernels import assemble as kernels
 
     return Executor("triton", kernels.place_tokens_, kernels.place_prompt_)
 
 
-def _cpp_has_assembly() -> bool:
-    if "cpp_assembly" not in _EXECUTORS:
-        _EXECUTORS["cpp_assembly"] = _backends.cpp_available() and hasattr(torch.ops.lopa_cpp, "place_prompt")
-    return _EXECUTORS["cpp_assembly"]
+REFERENCE_EXECUTOR = Executor("reference", place_tokens_reference, place_prompt_reference)
+_EXECUTORS: dict = {}
+_LOADERS = {"cpp": _cpp_executor, "triton": _triton_executor}
+
+
+def _executor(name: str) -> Optional[Executor]:
+    """The kernel family ``name`` (``cpp``, ``triton``, ``reference``), or None where it cannot run.
+    A plain dict cache: torch.compile traces dict reads, not lru_cache wrappers."""
+    if name == "reference":
+        return REFERENCE_EXECUTOR
+    if name not in _EXECUTORS:
+        _EXECUTORS[name] = _LOADERS[name]()
+    return _EXECUTORS[name]
 
 
 def assembly_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Which kernel family runs an assembly: the one decision point (``"auto"`` resolves here).
-
-    ``auto``: Triton on CUDA, C++ on the CPU, the reference otherwise (float64 on CUDA, a
-    missing extension).  A backend asked for by name that cannot run raises.
-    """
-    if not isinstance(backend, str) or backend not in ASSEMBLY_BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, ASSEMBLY_BACKENDS))}, got {backend!r}")
-    if backend == "auto":
-        if device.type == "cuda" and dtype != torch.float64 and _backends._load_triton()[0] is not None:
-            return "triton"
-        if device.type == "cpu" and _cpp_has_assembly():
-            return "cpp"
+    """Which kernel family runs an assembly: ``lopa._backends.resolve``'s choice for the device
+    and dtype, where this family exists (the reference otherwise).  A backend asked for by name
+    that cannot run raises."""
+    resolved = _backends.resolve(backend, device, dtype).name
+    if resolved != "reference" and _executor(resolved) is None:
+        if backend == resolved:
+            raise RuntimeError(f"backend={backend!r} was requested but lopa's {resolved} assembly kernels are not "
+                               f"available (the extension was built before them); {_backends.BUILD_HINT}")
         return "reference"
-    if backend == "cpp":
-        if not _cpp_has_assembly():
-            raise RuntimeError("backend='cpp' was requested but lopa's C++ assembly kernels are not available "
-                               f"({_backends._load_cpp()[1] or 'extension built without them'}); {_backends.BUILD_HINT}")
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
-    if backend == "triton":
-        if _backends._load_triton()[0] is None:
-            raise RuntimeError("backend='triton' was requested but Triton is not installed")
-        if not _backends.triton_available(device):
-            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got tensors on {device}")
-        if dtype == torch.float64:
-            raise TypeError("backend='triton' supports float16, bfloat16 and float32, got float64")
-    return backend
+    return resolved
 
 
 def fuses_in_place(name: str, kind: int, rank: int, training: bool, requested: str = "auto") -> bool:
@@ -334,17 +322,6 @@ def fuses_in_place(name: str, kind: int, rank: int, training: bool, requested: s
     if kind == KIND_COPY or name != "cpp" or requested == "cpp":
         return True
     return rank <= _backends.cpp_max_rank(_OP_OF_KIND[kind], training)
-
-
-def _prompt_backend(a: "_Inputs", rows: PromptRows) -> str:
-    """The gate / ULPT op backend of the prompt's backward (the forward's choice)."""
-    if not _fused_rows(a, rows):
-        return "reference"
-    return {"cpp": "cpp", "triton": "triton"}.get(a.name, "reference")
-
-
-def _fused_rows(a: "_Inputs", rows: PromptRows) -> bool:
-    return fuses_in_place(a.name, rows.kind, rows.rank, a.training, a.requested)
 
 
 def _materialized(rows: PromptRows, task_ids: Tensor) -> PromptRows:
@@ -374,7 +351,7 @@ def place_tokens(out: Tensor, table: Tensor, plan: LayoutPlan, name: str) -> Non
 
 
 class _Inputs(NamedTuple):
-    """The assembly op's arguments (the plan's integer tensors and the prompt), as one record."""
+    """The assembly op's arguments: the plan's integer tensors, the prompt and how it is computed."""
 
     table: Tensor
     blocks: Tensor
@@ -384,9 +361,21 @@ class _Inputs(NamedTuple):
     pad_id: int
     kind: int
     source: Sequence[Tensor]
-    name: str
-    requested: str = "auto"  # the backend the caller asked for
-    training: bool = True  # the prompt will be differentiated
+    name: str  # the kernel family
+    fused: bool  # the prompt computed in the kernels (else with BLAS, then copied)
+
+    def args(self) -> tuple:
+        """The op's arguments (the schema's order: up to four source tensors, then ``fused``)."""
+        source = list(self.source) + [None] * (4 - len(self.source))
+        return (self.table, self.blocks, self.task_ids, self.position_block, self.token_ids, self.pad_id, self.kind,
+                *source, self.fused)
+
+
+def _inputs(args: Sequence, name: str) -> _Inputs:
+    table, blocks, task_ids, position_block, token_ids, pad_id, kind, *rest = args
+    source = tuple(t for t in rest[:4] if t is not None)
+    return _Inputs(table, blocks, task_ids, position_block, token_ids, int(pad_id), int(kind), source, name,
+                   bool(rest[4]))
 
 
 def _run(a: _Inputs) -> Tensor:
@@ -398,8 +387,7 @@ def _run(a: _Inputs) -> Tensor:
     run.place_tokens(out, a.table, a.blocks, a.position_block, a.token_ids, a.pad_id)
     if a.kind and a.blocks.shape[0]:
         block_index = torch.arange(a.blocks.shape[0], device=out.device)
-        rows = PromptRows(a.kind, tuple(a.source))
-        _place_prompt(out, a.blocks, block_index, a.task_ids, rows, a.name, _fused_rows(a, rows))
+        _place_prompt(out, a.blocks, block_index, a.task_ids, PromptRows(a.kind, tuple(a.source)), a.name, a.fused)
     return out
 
 
@@ -409,7 +397,8 @@ def _backward(grad: Tensor, a: _Inputs, need_table: bool, need_source: Sequence[
     if a.kind and any(need_source):
         rows = PromptRows(a.kind, tuple(a.source))
         slot_grad = _prompt_slot_gradient(grad, a.blocks, rows.rows)
-        grad_source = _source_backward(_prompt_backend(a, rows), rows, slot_grad, a.task_ids, need_source)
+        backend = a.name if a.fused else "reference"  # the forward's choice
+        grad_source = _source_backward(backend, rows, slot_grad, a.task_ids, need_source)
     grad_table = _table_gradient(grad, a) if need_table else None
     return grad_table, grad_source
 
@@ -478,60 +467,79 @@ def sum_per_task(values: Tensor, task_ids: Tensor, num_tasks: int) -> Tensor:
     return torch.segment_reduce(values.index_select(0, order), "sum", lengths=counts, axis=0, unsafe=True)
 
 
-class _Assemble(torch.autograd.Function):
-    """The eager path of the assembly op: the same host code without the dispatcher's overhead."""
-
-    @staticmethod
-    def forward(ctx, inputs: _Inputs, table: Tensor, *source):
-        a = inputs._replace(table=table, source=source)
-        ctx.inputs = a._replace(table=None, source=None)
-        ctx.save_for_backward(table, *source)
-        return _run(a)
-
-    @staticmethod
-    def backward(ctx, grad):
-        table, *source = ctx.saved_tensors
-        a = ctx.inputs._replace(table=table, source=tuple(source))
-        grad_table, grad_source = _backward(grad, a, ctx.needs_input_grad[1], ctx.needs_input_grad[2:])
-        return (None, grad_table, *grad_source)
+# ----------------------------------------------------------------------------- the op
+ASSEMBLE_SCHEMA = ("(Tensor table, Tensor blocks, Tensor task_ids, Tensor position_block, Tensor token_ids, "
+                   "int pad_id, int kind, Tensor? s0, Tensor? s1, Tensor? s2, Tensor? s3, bool fused) -> Tensor")
+ASSEMBLE_BWD_SCHEMA = ("(Tensor grad, Tensor table, Tensor blocks, Tensor task_ids, Tensor position_block, "
+                       "Tensor token_ids, int pad_id, int kind, Tensor? s0, Tensor? s1, Tensor? s2, Tensor? s3, "
+                       "bool fused, bool need_table, bool need_s0, bool need_s1, bool need_s2, bool need_s3) "
+                       "-> Tensor[]")
 
 
-@torch.library.custom_op("lopa::assemble", mutates_args=())
-def _assemble_op(table: Tensor, blocks: Tensor, task_ids: Tensor, position_block: Tensor, token_ids: Tensor,
-                 pad_id: int, kind: int, source: List[Tensor], backend: str, requested: str, training: bool) -> Tensor:
-    return _run(_Inputs(table, blocks, task_ids, position_block, token_ids, pad_id, kind, source, backend, requested,
-                        training))
+def _host(name: str, backward: bool = False):
+    """The host function of kernel family ``name`` for the op (or its backward)."""
+    if backward:
+        def run_backward(grad, *args):
+            a = _inputs(args[:12], name)
+            grad_table, grad_source = _backward(grad, a, args[12], args[13:13 + len(a.source)])
+            fill = grad.new_empty((0,))
+            return [fill if g is None else g for g in (grad_table, *grad_source)]
+        return run_backward
+
+    def run(*args):
+        return _run(_inputs(args, name))
+    return run
 
 
-@_assemble_op.register_fake
-def _assemble_fake(table, blocks, task_ids, position_block, token_ids, pad_id, kind, source, backend, requested,
-                   training):
+def _loader(name: str, backward: bool = False):
+    def load():
+        return _host(name, backward) if _executor(name) is not None else None
+    return load
+
+
+def _check_args(table, blocks, task_ids, position_block, token_ids, pad_id, kind, *rest) -> None:
+    """A direct call's arguments (the public functions have checked them already)."""
+    for label, t in (("blocks", blocks), ("task_ids", task_ids), ("position_block", position_block),
+                     ("token_ids", token_ids)):
+        if t.dtype != torch.int64:
+            raise TypeError(f"lopa::assemble: {label} must be int64, got {t.dtype}")
+    if blocks.dim() != 2 or blocks.shape[1] != len(BLOCK_FIELDS) or position_block.dim() != 2 or table.dim() != 2:
+        raise ValueError(f"lopa::assemble: blocks must be (S, {len(BLOCK_FIELDS)}), position_block (R, T) and table "
+                         f"(V, d); got {tuple(blocks.shape)}, {tuple(position_block.shape)}, {tuple(table.shape)}")
+    if kind not in (0, KIND_COPY, KIND_ULPT, KIND_GATE):
+        raise ValueError(f"lopa::assemble: kind must be 0 (no prompt), 1 (copy), 2 (ULPT) or 3 (gate), got {kind}")
+
+
+def _fake(table, blocks, task_ids, position_block, *rest):
     return table.new_empty((position_block.shape[0], position_block.shape[1], table.shape[1]))
 
 
-def _op_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5], *inputs[7])
-    ctx.static = (inputs[5], inputs[6], inputs[8], inputs[9], inputs[10], [t.requires_grad for t in inputs[7]])
+def _fake_backward(grad, table, *rest):
+    source = [t for t in rest[6:10] if t is not None]
+    return [table.new_empty(table.shape)] + [t.new_empty(t.shape) for t in source]
 
 
-def _op_backward(ctx, grad):
-    table, blocks, task_ids, position_block, token_ids, *source = ctx.saved_tensors
-    pad_id, kind, name, requested, training, need_source = ctx.static
-    a = _Inputs(table, blocks, task_ids, position_block, token_ids, pad_id, kind, tuple(source), name, requested,
-                training)
-    grad_table, grad_source = _backward(grad, a, ctx.needs_input_grad[0], need_source)
-    return grad_table, None, None, None, None, None, None, list(grad_source), None, None, None
+def _grads(bwd, grad_out, inputs, needs) -> list:
+    """Per input of ``lopa::assemble``: the table's and the source tensors' gradients."""
+    grads = bwd(grad_out, *inputs, bool(needs[0]), *(bool(n) for n in needs[7:11]))
+    result: List[Optional[Tensor]] = [None] * len(inputs)
+    result[0] = grads[0]
+    sources = [i for i in range(7, 11) if inputs[i] is not None]
+    for i, g in zip(sources, grads[1:]):
+        result[i] = g
+    return result
 
 
-_assemble_op.register_autograd(_op_backward, setup_context=_op_setup)
+_assemble_bwd = define_op("assemble_bwd", ASSEMBLE_BWD_SCHEMA, cpu=_loader("cpp", True), cuda=_loader("triton", True),
+                          reference=_host("reference", True), fake=_fake_backward)
+_assemble_op = define_op("assemble", ASSEMBLE_SCHEMA, cpu=_loader("cpp"), cuda=_loader("triton"),
+                         reference=_host("reference"), fake=_fake, check=_check_args,
+                         backward=Backward(_assemble_bwd, _grads))
 
 
 def _apply(a: _Inputs) -> Tensor:
-    """Run the assembly: the registered op under ``torch.compile``, the eager fast path otherwise."""
-    if torch.compiler.is_compiling():
-        return torch.ops.lopa.assemble(a.table, a.blocks, a.task_ids, a.position_block, a.token_ids, a.pad_id,
-                                       a.kind, list(a.source), a.name, a.requested, a.training)
-    return _Assemble.apply(a._replace(table=None, source=None), a.table, *a.source)
+    """Run ``lopa::assemble`` (the eager fast path, or the registered op under tracing)."""
+    return _assemble_op(*a.args(), impl=_backends.SLOT_OF[a.name])
 
 
 def _is_bank(prompt, blocks: int) -> bool:
@@ -557,7 +565,7 @@ def assemble(table: Tensor, plan: LayoutPlan, prompt: Optional[PromptSource] = N
         table = table.contiguous()
     if prompt is None:
         return _apply(_Inputs(table, plan.blocks, plan.task_ids, plan.position_block, plan.token_ids, plan.pad_id,
-                              0, (), name))
+                              0, (), name, True))
     if task_ids is None and _is_bank(prompt, plan.num_blocks):
         task_ids = plan.task_ids
     rows, task_ids = prompt_rows(prompt, table.shape[1], table.device, task_ids, plan.num_blocks)
@@ -566,8 +574,9 @@ def assemble(table: Tensor, plan: LayoutPlan, prompt: Optional[PromptSource] = N
     if task_ids is None:
         task_ids = plan.task_ids
     training = torch.is_grad_enabled() and any(t.requires_grad for t in rows.tensors)
+    fused = fuses_in_place(name, rows.kind, rows.rank, training, backend)
     return _apply(_Inputs(table, plan.blocks, task_ids, plan.position_block, plan.token_ids, plan.pad_id,
-                          rows.kind, rows.tensors, name, backend, training))
+                          rows.kind, rows.tensors, name, fused))
 
 
 # ----------------------------------------------------------------------------- classic API

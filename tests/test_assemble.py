@@ -377,10 +377,19 @@ def test_assembly_op_passes_opcheck(asm_backend):
     table = torch.randn(tm.VOCAB, 6, generator=g).to(device)
     z, proj = torch.randn(1, 2, 2, generator=g, requires_grad=True), torch.randn(2, 6, generator=g)
     scale, shift = torch.randn(1, 6, generator=g, requires_grad=True), torch.randn(1, 6, generator=g)
-    name = A.assembly_backend(asm_backend, device, torch.float32)
     args = (table, plan.blocks, plan.task_ids, plan.position_block, plan.token_ids, 0, A.KIND_ULPT,
-            [t.to(device) for t in (z, proj, scale, shift)], name, asm_backend, True)
+            *(t.to(device) for t in (z, proj, scale, shift)), True)
     torch.library.opcheck(torch.ops.lopa.assemble.default, args)
+    # Without a prompt (a shared prefix's rows), and a copied bank.
+    rows_only = Lo.plan_padded(ids.to(device), mask.to(device), 0)
+    torch.library.opcheck(torch.ops.lopa.assemble.default,
+                          (table, rows_only.blocks, rows_only.task_ids, rows_only.position_block, rows_only.token_ids,
+                           0, 0, None, None, None, None, True))
+    bank = torch.randn(3, 2, 6, generator=g, requires_grad=True).to(device)
+    tasks = torch.tensor([2, 0, 2], device=device)
+    torch.library.opcheck(torch.ops.lopa.assemble.default,
+                          (table, plan.blocks, tasks, plan.position_block, plan.token_ids, 0, A.KIND_COPY,
+                           bank, None, None, None, True))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -391,7 +400,8 @@ def test_cpp_kernels_reject_a_damaged_plan():
     plan = Lo.plan_padded(ids, mask, 2)
     table = torch.randn(tm.VOCAB, 3)
     out = torch.empty(2, 6, 3)
-    ops = torch.ops.lopa_cpp
+    import lopa._C as ops
+
     bad_blocks = plan.blocks.clone()
     bad_blocks[1, 5] = 10**12  # token offset far outside token_ids
     with pytest.raises(IndexError, match="block 1"):

@@ -1,7 +1,7 @@
 """Input assembly in Triton: executes a layout plan (:mod:`lopa.layout`) into ``inputs_embeds``.
 
-Two kernels, the same contract as the C++ ops ``lopa_cpp::place_tokens`` /
-``lopa_cpp::place_prompt`` (``csrc/assemble.cpp``):
+Two kernels, the same contract as the C++ kernels ``lopa._C.place_tokens`` /
+``lopa._C.place_prompt`` (``csrc/assemble.cpp``):
 
 * :func:`place_tokens_` -- one program per output position and block of ``d`` columns:
   a token row of the table, the pad row outside every block, nothing at prompt rows;
