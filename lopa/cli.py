@@ -148,6 +148,21 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and dropout")
     g.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over even if --output-dir holds a checkpoint")
+    _add_packing_args(g)
+    g.add_argument("--eval-packing", action="store_true",
+                   help="pack evaluation batches too (by default they are padded batches of similar lengths, "
+                        "measured faster on the CPU)")
+
+
+PACKING_HELP = ("pack each micro-batch's examples into one padding-free row, each sequence behind the prompt "
+                "(default: on where the model supports it, a causal LM with sdpa or eager attention)")
+MAX_TOKENS_HELP = ("split each optimizer step's examples into packed micro-batches of at most N tokens (gradients "
+                   "accumulate; the step's loss and gradient equal the unsplit step's)")
+
+
+def _add_packing_args(g) -> None:
+    g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None, help=PACKING_HELP)
+    g.add_argument("--max-tokens-per-batch", type=_positive_int, default=None, metavar="N", help=MAX_TOKENS_HELP)
 
 
 THREADS_HELP = "torch CPU threads (default 1: on a shared 2-core machine one thread was 8x faster than two)"
@@ -243,6 +258,7 @@ def _add_compare_args(p: argparse.ArgumentParser, preset: Optional[str]) -> None
     p.add_argument("--max-test-examples", type=_nonneg_int, default=None,
                    help="test rows, 0 = all" + default("max_test_examples"))
     p.add_argument("--output-dir", default=None, help="output folder" + default("output_dir"))
+    _add_packing_args(p)
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rebuild the table and plot from every */result.json in --output-dir "
                         "(e.g. after runs with other --seeds into the same folder)")
@@ -365,7 +381,8 @@ def _train_config(args):
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         max_grad_norm=args.max_grad_norm or None, eval_every=args.eval_every, save_every=args.save_every,
         eval_batch_size=args.eval_batch_size, seed=args.seed, resume=args.resume, progress=args.progress,
-        metric="accuracy",
+        metric="accuracy", packing=args.packing, max_tokens_per_batch=args.max_tokens_per_batch,
+        eval_packing=args.eval_packing,
     )
 
 
@@ -436,7 +453,7 @@ def cmd_compare(args, preset: str) -> int:
 
     job = dict(PRESETS[preset])
     for key in ("model", "dataset", "max_steps", "batch_size", "eval_every", "num_tokens", "max_train_examples",
-                "max_eval_examples", "max_test_examples", "output_dir"):
+                "max_eval_examples", "max_test_examples", "output_dir", "packing", "max_tokens_per_batch"):
         value = getattr(args, key, None)
         if value is not None:
             job[key] = None if (key.startswith("max_") and key.endswith("examples") and value == 0) else value

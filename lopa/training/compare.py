@@ -39,6 +39,9 @@ FULL_JOB = dict(
     output_dir="out/full",
 )
 PRESETS = {"main": MAIN_JOB, "full": FULL_JOB}
+# Settings a job may add to a preset's (absent: the method's default, or packing where the model supports it).
+OPTIONAL_SETTINGS = ("lr", "warmup_steps", "template", "label_words", "encoder", "pooling", "packing",
+                     "max_tokens_per_batch")
 
 
 def parse_method(text: str):
@@ -222,7 +225,8 @@ def plan_run(job: dict, method: str, rank: Optional[int], seed: int, *, progress
                          max_steps=job["max_steps"], batch_size=job["batch_size"], grad_accum=job["grad_accum"],
                          lr=(job.get("lr") or {}).get(method, DEFAULT_LR[method]),
                          warmup_steps=job.get("warmup_steps"), eval_every=job["eval_every"],
-                         save_every=job["eval_every"], seed=seed, progress=progress)
+                         save_every=job["eval_every"], seed=seed, progress=progress, packing=job.get("packing"),
+                         max_tokens_per_batch=job.get("max_tokens_per_batch"))
     return spec, config
 
 
@@ -310,7 +314,7 @@ def _train_one(spec: RunSpec, config: TrainConfig, model, prepared, record: dict
 def run_comparison(job: dict, *, progress: bool = True, threads: Optional[int] = None) -> dict:
     """Run every (seed, method) of ``job`` (see :data:`MAIN_JOB` for the keys); returns the results."""
     job = dict(job)
-    unknown = set(job) - set(FULL_JOB) - {"lr", "warmup_steps", "template", "label_words", "encoder", "pooling"}
+    unknown = set(job) - set(FULL_JOB) - set(OPTIONAL_SETTINGS)
     if unknown:
         raise ValueError(f"unknown comparison setting(s) {sorted(unknown)}; known: {sorted(set(FULL_JOB))}")
     methods = [parse_method(m) for m in job["methods"]]

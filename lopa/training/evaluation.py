@@ -15,17 +15,25 @@ def dist_info():
     return 0, 1
 
 
-def _to(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+def to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def length_grouped(examples: Sequence[dict], batch_size: int) -> List[List[dict]]:
+    """``examples`` sorted by length (stable) and cut into batches of ``batch_size``: each padded
+    batch is nearly all real tokens.  Evaluation sums over examples, so their order is free."""
+    ordered = sorted(examples, key=lambda ex: len(ex["input_ids"]))
+    return [ordered[start:start + batch_size] for start in range(0, len(ordered), batch_size)]
 
 
 @torch.no_grad()
 def evaluate(model, task, examples: Sequence[dict], *, batch_size: int = 32, device=None, progress: bool = False,
-             desc: str = "eval", generate: bool = True) -> Dict[str, float]:
+             desc: str = "eval", generate: bool = True, packing: bool = False) -> Dict[str, float]:
     """Metrics of ``task`` over ``examples`` (each rank takes every world-th example; sums all-reduced).
 
     Classification: ``accuracy``, ``loss``; completion: ``loss``, ``perplexity`` and, with
-    ``generate``, exact-match ``accuracy`` of greedy completions.
+    ``generate``, exact-match ``accuracy`` of greedy completions.  Batches group examples of
+    similar length (padded: little padding), or with ``packing`` are packed padding-free.
     """
     from tqdm.auto import tqdm
 
@@ -35,11 +43,9 @@ def evaluate(model, task, examples: Sequence[dict], *, batch_size: int = 32, dev
     model.eval()
     device = device or next(model.parameters()).device
     sums: Dict[str, float] = {}
-    batches = range(0, len(mine), batch_size)
     try:
-        for start in tqdm(batches, desc=desc, leave=False, disable=not progress or rank != 0):
-            chunk = mine[start:start + batch_size]
-            batch = _to(task.collate(chunk), device)
+        for chunk in tqdm(length_grouped(mine, batch_size), desc=desc, leave=False, disable=not progress or rank != 0):
+            batch = to_device(task.collate(chunk, packed=packing), device)
             if task.kind == "completion":
                 part = task.evaluate_batch(model, batch, chunk if generate else None)
             else:

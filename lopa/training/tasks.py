@@ -3,7 +3,7 @@
 Both run the decoder body once and apply the output head only where it is needed:
 
 * :class:`ClassificationTask` scores the label words (the *verbalizer*) at one position per
-  row -- the last real token of ``template.format(text=...)`` -- with the rows of the
+  example -- the last real token of ``template.format(text=...)`` -- with the rows of the
   output embedding for those words only: ``(B, C)`` logits, never the
   ``batch × length × vocab`` tensor (nor even ``batch × vocab``).  Loss: cross-entropy over
   the C label words.
@@ -12,9 +12,20 @@ Both run the decoder body once and apply the output head only where it is needed
   completion token (``N × vocab`` for the N completion tokens of the batch).  Evaluation:
   loss and exact match of the greedy completion.
 
-:class:`TaskModel` joins a frozen LM, an optional :class:`lopa.PromptTunedModel` (the prompt
-placement is issue 3's :meth:`~lopa.PromptTunedModel.build_inputs`) and a task into one
-``nn.Module`` whose ``forward(**batch)`` returns ``{"loss", "logits"}`` -- the unit the
+``task.collate(examples)`` pads; ``task.collate(examples, packed=True)`` packs the examples
+padding-free in one row (``transformers.DataCollatorWithFlattening``'s format: ``input_ids``
+and ``position_ids`` ``(1, N)``, ``cu_seq_lens_q/k``).  Either way the collator also computes,
+on the host, the flat positions the task reads (``score_index``: each example's last token, or
+each position that predicts a completion token, with ``score_target``), so a step needs no
+host synchronisation to find them.  With ``num_items_in_batch`` in the batch (what the trainer
+passes: the examples or completion tokens of the whole optimizer step) the loss is the sum
+over this batch divided by it -- Hugging Face's convention, which makes split micro-batches
+add up to the unsplit step.
+
+:class:`TaskModel` joins a frozen LM, an optional :class:`lopa.PromptTunedModel` (which places
+the prompt: the shared prefix for PT / ULPT, per-example rows for LoPA;
+:meth:`~lopa.PromptTunedModel.hidden_states`) and a task into one ``nn.Module`` whose
+``forward(**batch)`` returns ``{"loss", "logits"}`` -- the unit the
 :class:`~lopa.training.trainer.Trainer` trains and DDP wraps.
 """
 from __future__ import annotations
@@ -26,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lopa.assemble import position_ids_from_mask
+
+PACKED_BOUNDARIES = ("cu_seq_lens_q", "cu_seq_lens_k")  # the packed collator's sequence boundaries
 
 DEFAULT_TEMPLATES = {
     "polarity": "Review: {text}\nSentiment (positive or negative):",
@@ -78,15 +91,83 @@ class _Base:
         length = max(len(r) for r in rows)
         return torch.tensor([list(r) + [fill] * (length - len(r)) for r in rows], dtype=torch.long)
 
-    def _common(self, examples: Sequence[dict], key: str) -> Dict[str, Tensor]:
-        ids = [ex[key] for ex in examples]
-        batch = {
-            "input_ids": self._pad(ids, self.pad_id),
-            "attention_mask": self._pad([[1] * len(r) for r in ids], 0),
-        }
+    def collate(self, examples: Sequence[dict], *, packed: bool = False) -> Dict[str, Tensor]:
+        """A batch of encoded examples: padded ``(B, L)`` rows, or with ``packed`` one padding-free
+        row ``(1, N)`` (``DataCollatorWithFlattening``'s format), plus the flat positions the task
+        scores (``score_index``), all computed here on the host."""
+        examples = list(examples)
+        if not examples:
+            raise ValueError("collate needs at least one example")
+        ids = [list(ex["input_ids"]) for ex in examples]
+        token_labels = self._token_labels(examples)
+        if packed:
+            batch = _flatten(ids, token_labels)
+            offsets = batch["cu_seq_lens_q"][:-1].tolist()
+        else:
+            batch = {"input_ids": self._pad(ids, self.pad_id),
+                     "attention_mask": self._pad([[1] * len(r) for r in ids], 0)}
+            if token_labels is not None:
+                batch["labels"] = self._pad(token_labels, -100)
+            width = batch["input_ids"].shape[1]
+            offsets = [row * width for row in range(len(ids))]
         if "pooled" in examples[0]:
             batch["pooled"] = torch.stack([torch.as_tensor(ex["pooled"], dtype=torch.float32) for ex in examples])
+        batch.update(self._targets(examples, offsets))
         return batch
+
+    def _token_labels(self, examples: Sequence[dict]) -> Optional[List[List[int]]]:
+        return None
+
+    def _targets(self, examples: Sequence[dict], offsets: Sequence[int]) -> Dict[str, Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def num_items(batch: Dict[str, Tensor]) -> int:
+        """What the loss averages over in ``batch`` (examples, or completion tokens), from shapes only."""
+        return int(batch["score_index"].shape[0])
+
+
+def is_packed(batch: Dict[str, Tensor]) -> bool:
+    """A padding-free packed batch: positions restarting per sequence, and no attention mask."""
+    return "position_ids" in batch and "attention_mask" not in batch
+
+
+def num_sequences(batch: Dict[str, Tensor]) -> int:
+    if is_packed(batch):
+        return int(batch["cu_seq_lens_q"].shape[0]) - 1
+    return int(batch["input_ids"].shape[0])
+
+
+def _flatten(ids: List[List[int]], token_labels: Optional[List[List[int]]]) -> Dict[str, Tensor]:
+    """``transformers.DataCollatorWithFlattening``'s packed row with its sequence boundaries (the
+    model checks them against the positions).  Token labels get -100 at every sequence's first
+    token, so no loss crosses from one sequence into the next."""
+    from transformers import DataCollatorWithFlattening
+
+    if token_labels is None:
+        features = [{"input_ids": row} for row in ids]
+    else:
+        features = [{"input_ids": row, "labels": labels} for row, labels in zip(ids, token_labels)]
+    packed = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")(features)
+    batch = {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"]}
+    for key in PACKED_BOUNDARIES:
+        batch[key] = packed[key].to(torch.int64)
+    if token_labels is not None:
+        batch["labels"] = packed["labels"]
+    return batch
+
+
+def _flat(hidden: Tensor) -> Tensor:
+    """``(B, L, D)`` (or packed ``(1, N, D)``) hidden states as one ``(B·L, D)`` table of positions."""
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def _loss(logits: Tensor, target: Tensor, batch: Dict[str, Tensor]) -> Tensor:
+    """Mean cross-entropy; with ``num_items_in_batch`` (the whole step's count) the sum divided by it."""
+    total = batch.get("num_items_in_batch")
+    if total is None:
+        return F.cross_entropy(logits, target)
+    return F.cross_entropy(logits, target, reduction="sum") / total
 
 
 class ClassificationTask(_Base):
@@ -123,24 +204,31 @@ class ClassificationTask(_Base):
             raise ValueError(f"label {out['label']} is outside 0..{self.num_labels - 1} ({self.label_words})")
         return out
 
-    def collate(self, examples: Sequence[dict]) -> Dict[str, Tensor]:
-        batch = self._common(examples, "input_ids")
-        batch["labels"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.long)
-        return batch
+    def _targets(self, examples: Sequence[dict], offsets: Sequence[int]) -> Dict[str, Tensor]:
+        last = [start + len(ex["input_ids"]) - 1 for start, ex in zip(offsets, examples)]
+        return {"score_index": torch.tensor(last, dtype=torch.long),
+                "labels": torch.tensor([ex["label"] for ex in examples], dtype=torch.long)}
+
+    @staticmethod
+    def _last_tokens(batch: Dict[str, Tensor], length: int) -> Tensor:
+        """Flat index of each example's last real token: the collator's, or found from the mask
+        (a batch built elsewhere, padded on either side)."""
+        if "score_index" in batch:
+            return batch["score_index"]
+        mask = batch["attention_mask"]
+        last = length - 1 - mask.flip(1).to(torch.int8).argmax(1)
+        return torch.arange(mask.shape[0], device=mask.device) * length + last
 
     def compute(self, model: "TaskModel", batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        hidden = model.hidden_states(batch)  # (B, L, D), real-token positions
-        mask = batch["attention_mask"]
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = mask.shape[1] - 1 - mask.flip(1).to(torch.int8).argmax(1)  # last real token (any padding side)
-        h = hidden[rows, last]  # (B, D)
+        hidden = model.hidden_states(batch)  # (B, L, D) or packed (1, N, D), real-token positions
+        h = _flat(hidden).index_select(0, self._last_tokens(batch, hidden.shape[1]))  # (B, D)
         head = model.output_head()
         weight = head.weight.index_select(0, torch.tensor(self.label_token_ids, device=h.device))
         bias = None if getattr(head, "bias", None) is None else head.bias[self.label_token_ids]
         logits = F.linear(h.to(weight.dtype), weight, bias).float()  # (B, C)
         out = {"logits": logits}
         if "labels" in batch:
-            out["loss"] = F.cross_entropy(logits, batch["labels"])
+            out["loss"] = _loss(logits, batch["labels"], batch)
         return out
 
     @torch.no_grad()
@@ -177,26 +265,45 @@ class CompletionTask(_Base):
         return {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target,
                 "prompt_ids": prompt, "completion": str(example["completion"]).strip()}
 
-    def collate(self, examples: Sequence[dict]) -> Dict[str, Tensor]:
-        batch = self._common(examples, "input_ids")
-        batch["labels"] = self._pad([ex["labels"] for ex in examples], -100)
-        return batch
+    def _token_labels(self, examples: Sequence[dict]) -> List[List[int]]:
+        return [list(ex["labels"]) for ex in examples]
 
-    def compute(self, model: "TaskModel", batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        hidden = model.hidden_states(batch)  # (B, L, D)
+    def _targets(self, examples: Sequence[dict], offsets: Sequence[int]) -> Dict[str, Tensor]:
+        index, target = [], []
+        for start, ex in zip(offsets, examples):
+            labels = ex["labels"]
+            for t in range(len(labels) - 1):  # position t predicts token t + 1
+                if labels[t + 1] != -100:
+                    index.append(start + t)
+                    target.append(labels[t + 1])
+        return {"score_index": torch.tensor(index, dtype=torch.long),
+                "score_target": torch.tensor(target, dtype=torch.long)}
+
+    @staticmethod
+    def _predicting(batch: Dict[str, Tensor]):
+        """Flat positions that predict a completion token, and those tokens: the collator's, or
+        found from the labels (a batch built elsewhere)."""
+        if "score_index" in batch:
+            return batch["score_index"], batch["score_target"]
         labels = batch["labels"]
         target = labels[:, 1:]
-        select = target != -100
-        h = hidden[:, :-1][select]  # (N, D): only the positions that predict a completion token
-        logits = model.output_head()(h.to(model.output_head().weight.dtype)).float()  # (N, V)
-        return {"logits": logits, "loss": F.cross_entropy(logits, target[select])}
+        rows, cols = (target != -100).nonzero(as_tuple=True)
+        return rows * labels.shape[1] + cols, target[rows, cols]
+
+    def compute(self, model: "TaskModel", batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        hidden = model.hidden_states(batch)  # (B, L, D) or packed (1, N, D)
+        index, target = self._predicting(batch)
+        h = _flat(hidden).index_select(0, index)  # (N, D): only the positions that predict a completion token
+        head = model.output_head()
+        logits = head(h.to(head.weight.dtype)).float()  # (N, V)
+        return {"logits": logits, "loss": _loss(logits, target, batch)}
 
     @torch.no_grad()
     def evaluate_batch(self, model: "TaskModel", batch: Dict[str, Tensor], examples: Optional[Sequence[dict]] = None
                        ) -> Dict[str, float]:
         out = self.compute(model, batch)
-        tokens = float((batch["labels"][:, 1:] != -100).sum())
-        sums = {"loss_sum": float(out["loss"]) * tokens, "tokens": tokens, "count": float(batch["input_ids"].shape[0])}
+        tokens = float(out["logits"].shape[0])
+        sums = {"loss_sum": float(out["loss"]) * tokens, "tokens": tokens, "count": float(num_sequences(batch))}
         if examples is not None:
             texts = model.generate_completions([ex["prompt_ids"] for ex in examples],
                                                pooled=batch.get("pooled"), max_new_tokens=self.max_new_tokens)
@@ -248,15 +355,32 @@ class TaskModel(nn.Module):
                 total += p.numel()
         return total
 
+    def packing_unsupported_reason(self) -> Optional[str]:
+        """Why this model cannot take packed batches (``None`` when it can): packing needs a causal
+        LM with sdpa or eager attention (a block mask per sequence)."""
+        implementation = getattr(self._base[0].config, "_attn_implementation", None) or "eager"
+        if implementation not in ("sdpa", "eager"):
+            return (f"packed batches need attn_implementation 'sdpa' or 'eager' (a block mask per sequence); "
+                    f"this model uses {implementation!r}")
+        if self.prompted is not None and getattr(self.prompted, "task", "causal_lm") != "causal_lm":
+            return f"packed batches are for causal LMs; the prompt-tuned model is a {self.prompted.task} model"
+        return None
+
     def hidden_states(self, batch: Dict[str, Tensor]) -> Tensor:
-        """Last hidden states ``(B, L, D)`` at the input's token positions (prompt rows removed)."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        """Last hidden states at the input's token positions (prompt rows removed): ``(B, L, D)``
+        for a padded batch, ``(1, N, D)`` for a packed one."""
+        ids = batch["input_ids"]
         decoder = self._decoder[0]
+        if is_packed(batch):
+            if self.prompted is not None:
+                bounds = {k: batch[k] for k in PACKED_BOUNDARIES if k in batch}
+                return self.prompted.hidden_states(ids, position_ids=batch["position_ids"], pooled=batch.get("pooled"),
+                                                   **bounds)
+            # transformers finds the packed sequences from the restarting positions (sdpa / eager)
+            return decoder(input_ids=ids, position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+        mask = batch["attention_mask"]
         if self.prompted is not None:
-            asm = self.prompted.build_inputs(ids, mask, pooled=batch.get("pooled"))
-            out = decoder(inputs_embeds=asm.inputs_embeds, attention_mask=asm.attention_mask,
-                          position_ids=asm.position_ids, use_cache=False)
-            return asm.real_tokens(out.last_hidden_state)
+            return self.prompted.hidden_states(ids, mask, pooled=batch.get("pooled"))
         out = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
         return out.last_hidden_state
 

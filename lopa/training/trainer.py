@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from lopa.training import assets, checkpoint as ckpt
-from lopa.training.evaluation import dist_info, evaluate, peak_memory_mb, reset_peak_memory
+from lopa.training.evaluation import dist_info, evaluate, peak_memory_mb, reset_peak_memory, to_device
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -77,12 +77,25 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     generate_in_eval: bool = True
+    packing: Optional[bool] = None  # None: on where the model supports it (causal LM, sdpa / eager attention)
+    max_tokens_per_batch: Optional[int] = None  # packed micro-batches of at most this many tokens
+    eval_packing: bool = False  # evaluation: length-grouped padded batches (faster on the CPU) unless True
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("packing", "eval_packing"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (value is None and name == "packing")):
+                raise ValueError(f"{name} must be True or False{' or None (auto)' if name == 'packing' else ''}, "
+                                 f"got {value!r}")
+        value = self.max_tokens_per_batch
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"max_tokens_per_batch must be a positive int or None, got {value!r}")
+        if value is not None and self.packing is False:
+            raise ValueError("max_tokens_per_batch splits packed micro-batches: it needs packing (not packing=False)")
         for name in ("eval_every", "save_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -261,6 +274,9 @@ class Trainer:
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, config.warmup_steps, config.max_steps)
         self.batches = EpochBatches(len(self.train_examples), config.batch_size * config.grad_accum * self.world,
                                     config.seed)
+        self.packing = resolve_packing(model, config.packing, config.max_tokens_per_batch)
+        if config.max_tokens_per_batch is not None:
+            check_examples_fit(self.train_examples, config.max_tokens_per_batch)
         self.state = {"step": 0, "epoch": 0, "index": 0, "best_metric": None, "best_step": None, "best_loss": None}
         self.history: List[dict] = []
         self._saved_step: Optional[int] = None  # step of the newest checkpoint.pt
@@ -341,46 +357,48 @@ class Trainer:
                          self.out / BEST)
 
     # ------------------------------------------------------------------ loop
-    def _micro_batches(self, indices: List[int]):
+    def _micro_batches(self, indices: List[int]) -> List[dict]:
+        """This rank's micro-batches of a step, collated (padded or packed) on the host, each carrying
+        ``num_items_in_batch`` -- the step's examples (or completion tokens) -- so their losses add
+        up to the step's mean however the step is split."""
         cfg = self.config
         per_rank = cfg.batch_size * cfg.grad_accum
-        mine = indices[self.rank * per_rank:(self.rank + 1) * per_rank]
-        for a in range(cfg.grad_accum):
-            chunk = [self.train_examples[i] for i in mine[a * cfg.batch_size:(a + 1) * cfg.batch_size]]
-            yield {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
-                   for k, v in self.task.collate(chunk).items()}
+        mine = [self.train_examples[i] for i in indices[self.rank * per_rank:(self.rank + 1) * per_rank]]
+        if cfg.max_tokens_per_batch is not None:
+            groups = split_by_tokens(mine, cfg.max_tokens_per_batch)
+        else:
+            groups = [mine[a * cfg.batch_size:(a + 1) * cfg.batch_size] for a in range(cfg.grad_accum)]
+        batches = [self.task.collate(group, packed=self.packing) for group in groups]
+        total = sum(self.task.num_items(batch) for batch in batches)
+        return [{**to_device(batch, self.device), "num_items_in_batch": total} for batch in batches]
 
     def train_step(self, indices: List[int]) -> Dict[str, float]:
-        cfg = self.config
         module = self.ddp if self.ddp is not None else self.model
         self.model.train()
-        total = 0.0
-        for a, batch in enumerate(self._micro_batches(indices)):
-            last = a == cfg.grad_accum - 1
+        batches = self._micro_batches(indices)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for a, batch in enumerate(batches):
+            last = a == len(batches) - 1
             sync = self.ddp.no_sync() if (self.ddp is not None and not last) else _null()
             with sync:
-                loss = module(**batch)["loss"] / cfg.grad_accum
+                loss = module(**batch)["loss"]
                 loss.backward()
-            total += float(loss.detach())
-        if cfg.max_grad_norm is not None:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
-        else:
-            norm = float(torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in self.params if p.grad is not None)))
+            total += loss.detach()
+        norm = float(_clip_or_norm(self.params, self.config.max_grad_norm))
         lr = self.scheduler.get_last_lr()[0]
         self._between_steps = False  # from here on the parameters are those of the next step
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.world > 1:
-            t = torch.tensor([total], dtype=torch.float64)
-            dist.all_reduce(t)
-            total = float(t) / self.world
-        return {"loss": total, "grad_norm": norm, "lr": lr}
+            dist.all_reduce(total)
+            total = total / self.world
+        return {"loss": float(total), "grad_norm": norm, "lr": lr}
 
     def evaluate(self, examples=None, desc="eval") -> Dict[str, float]:
         return evaluate(self.model, self.task, self.eval_examples if examples is None else examples,
                         batch_size=self.config.eval_batch_size, progress=self.config.progress, desc=desc,
-                        generate=self.config.generate_in_eval)
+                        generate=self.config.generate_in_eval, packing=self.config.eval_packing and self.packing)
 
     def _is_better(self, value: float, loss: Optional[float]) -> bool:
         """A better metric wins; on a tie (small validation sets tie often) the lower loss wins."""
@@ -505,6 +523,53 @@ class Trainer:
         data = read_best(self.out / BEST)
         ckpt.load_trainable_state(self.model, data["trainable"], source=str(self.out / BEST))
         return {"step": data.get("step"), "metrics": data.get("metrics")}
+
+
+def resolve_packing(model, wanted: Optional[bool], max_tokens: Optional[int] = None) -> bool:
+    """Whether training packs its micro-batches: ``wanted`` (``None``: wherever the model supports it);
+    asking for packing (or a token budget) where it cannot apply is an error that says why."""
+    probe = getattr(model, "packing_unsupported_reason", None)
+    reason = probe() if probe is not None else f"{type(model).__name__} does not take packed batches"
+    if wanted is False:
+        return False
+    if reason is None:
+        return True
+    if wanted:
+        raise ValueError(f"packing=True cannot apply to this model: {reason}")
+    if max_tokens is not None:
+        raise ValueError(f"max_tokens_per_batch={max_tokens} needs packed batches, which cannot apply to this model: "
+                         f"{reason}")
+    return False
+
+
+def check_examples_fit(examples: Sequence[dict], max_tokens: int) -> None:
+    """Every example must fit in one packed micro-batch of ``max_tokens`` tokens (a sequence is never split)."""
+    for i, ex in enumerate(examples):
+        if len(ex["input_ids"]) > max_tokens:
+            raise ValueError(f"max_tokens_per_batch={max_tokens} is less than training example {i}'s "
+                             f"{len(ex['input_ids'])} tokens; raise it to at least the longest example "
+                             f"({max(len(e['input_ids']) for e in examples)} tokens)")
+
+
+def split_by_tokens(examples: Sequence[dict], max_tokens: int) -> List[List[dict]]:
+    """Consecutive groups of ``examples`` of at most ``max_tokens`` tokens each, in order."""
+    groups: List[List[dict]] = []
+    used = max_tokens + 1  # start a new group at the first example
+    for ex in examples:
+        size = len(ex["input_ids"])
+        if used + size > max_tokens:
+            groups.append([])
+            used = 0
+        groups[-1].append(ex)
+        used += size
+    return groups
+
+
+def _clip_or_norm(params: Sequence[torch.Tensor], max_norm: Optional[float]) -> torch.Tensor:
+    """The gradients' total norm before clipping (clipped to ``max_norm`` when given)."""
+    if max_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
 def _median(values: Sequence[float]) -> Optional[float]:
