@@ -139,7 +139,7 @@ def prompt_rows(prompt: PromptSource, dim: int, device: torch.device, task_ids: 
     if isinstance(prompt, PromptRows):  # already in bank form (internal callers)
         return prompt, task_ids
     if isinstance(prompt, ULPTSource):
-        tensors, task_ids = ulpt_bank(prompt.z, prompt.proj, prompt.scale, prompt.shift, task_ids, blocks)
+        tensors, task_ids = _ulpt_rows(prompt.z, prompt.proj, prompt.scale, prompt.shift, task_ids, blocks)
         rows = PromptRows(KIND_ULPT, tensors)
     elif isinstance(prompt, GatedSource):
         from lopa.ops import gated_bank
@@ -162,33 +162,16 @@ def prompt_rows(prompt: PromptSource, dim: int, device: torch.device, task_ids: 
     return rows, task_ids
 
 
-def ulpt_bank(z: Tensor, proj: Tensor, scale: Tensor, shift: Tensor, task_ids: Optional[Tensor],
-              blocks: Optional[int]) -> Tuple[Tuple[Tensor, ...], Optional[Tensor]]:
-    """Validate ULPT's tensors (as :func:`lopa.ulpt_prompt` does) in bank form ``(T, ...)``."""
-    from lopa._validation import (require_float_dtype, require_ndim, require_same_device, require_same_dtype,
-                                  require_size)
-    from lopa.ops import _per_task_vector
+def _ulpt_rows(z: Tensor, proj: Tensor, scale: Tensor, shift: Tensor, task_ids: Optional[Tensor],
+               blocks: Optional[int]) -> Tuple[Tuple[Tensor, ...], Optional[Tensor]]:
+    """ULPT's tensors checked (as :func:`lopa.ulpt_prompt` checks them) in bank form; a bank of
+    several tasks needs a task per block."""
+    from lopa.ops import ulpt_bank
 
-    for name, value in (("z", z), ("proj", proj), ("scale", scale), ("shift", shift)):
-        require_tensor(name, value)
-    require_ndim("z", z, (2, 3), "(n, r) or (T, n, r)")
-    require_ndim("proj", proj, (2,), "(r, d)")
-    require_float_dtype("z", z)
-    require_same_dtype("z", z, {"proj": proj, "scale": scale, "shift": shift})
-    require_same_device("z", z, {"proj": proj, "scale": scale, "shift": shift})
-    single = z.dim() == 2
-    bank = z.unsqueeze(0) if single else z
-    require_size("proj", proj, 0, bank.shape[2], "the rank r of z")
-    scale = _per_task_vector("scale", scale, bank.shape[0], proj.shape[1], single)
-    shift = _per_task_vector("shift", shift, bank.shape[0], proj.shape[1], single)
-    if single:
-        if task_ids is not None:
-            raise ValueError(f"task_ids was given but z is a single task of shape {tuple(z.shape)}; pass a bank "
-                             "(T, n, r) to select tasks per row")
-    elif task_ids is None:
-        raise ValueError(f"z is a bank of {bank.shape[0]} tasks, so task_ids (B,) is required to say which task each "
+    if z.dim() == 3 and task_ids is None:
+        raise ValueError(f"z is a bank of {z.shape[0]} tasks, so task_ids (B,) is required to say which task each "
                          "row uses")
-    return (bank, proj, scale, shift), check_task_ids(task_ids, blocks, bank.shape[0], z.device)
+    return ulpt_bank(z, proj, scale, shift, task_ids, blocks)
 
 
 def _tensor_rows(prompt: Tensor, task_ids, blocks, device) -> Tuple[PromptRows, Optional[Tensor]]:
@@ -440,20 +423,15 @@ def _source_backward(backend: str, rows: PromptRows, grad_rows: Tensor, task_ids
         bank = rows.tensors[0]
         acc = torch.promote_types(bank.dtype, torch.float32)
         return [sum_per_task(grad_rows.to(acc), task_ids, bank.shape[0]).to(bank.dtype) if needs[0] else None]
-    if rows.kind == KIND_ULPT:
-        z, proj, scale, shift = rows.tensors
-        grad_rows = grad_rows.to(z.dtype).contiguous()
-        if backend == "reference":
-            grads = reference.ulpt_prompt_backward(grad_rows, z, proj, scale, task_ids)
-        else:
-            grads = ops.ulpt_bwd(grad_rows, z, proj, scale, task_ids, *needs, impl=_backends.SLOT_OF[backend])
-        return [g if n else None for g, n in zip(grads, needs)]
-    zs, u, v = rows.tensors
-    grad_rows = grad_rows.to(zs.dtype).contiguous()
+    ulpt = rows.kind == KIND_ULPT
+    inputs = rows.tensors[:3]  # ULPT: z, proj, scale (the shift's gradient needs no input); gate: zs, u, v
+    grad_rows = grad_rows.to(inputs[0].dtype).contiguous()
     if backend == "reference":
-        grads = reference.gated_prompt_backward(grad_rows, zs, u, v, task_ids)
+        backward = reference.ulpt_prompt_backward if ulpt else reference.gated_prompt_backward
+        grads = backward(grad_rows, *inputs, task_ids)
     else:
-        grads = ops.gated_prompt_bwd(grad_rows, zs, u, v, task_ids, *needs, impl=_backends.SLOT_OF[backend])
+        op = ops.ulpt_bwd if ulpt else ops.gated_prompt_bwd
+        grads = op(grad_rows, *inputs, task_ids, *needs, impl=_backends.SLOT_OF[backend])
     return [g if n else None for g, n in zip(grads, needs)]
 
 

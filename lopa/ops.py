@@ -127,6 +127,21 @@ def ulpt_prompt(
         ``(n, d)`` for one task, ``(T, n, d)`` for a bank, ``(B, n, d)`` with ``task_ids``.
         A task no row uses gets zero gradients.
     """
+    (bank, proj, scale, shift), task_ids = ulpt_bank(z, proj, scale, shift, task_ids)
+    single, rank = z.dim() == 2, bank.shape[2]
+    impl = _backends.resolve(backend, z.device, z.dtype, "ulpt", rank, _differentiated(z, proj, scale, shift))
+    if impl.slot is None:
+        out = reference.ulpt_prompt(bank, proj, scale, shift, task_ids)
+    else:
+        out = ulpt_fwd(bank, proj, scale, shift, task_ids, impl=impl.slot)
+    return out.squeeze(0) if single else out
+
+
+def ulpt_bank(z: Tensor, proj: Tensor, scale: Tensor, shift: Tensor, task_ids: Optional[Tensor],
+              rows: Optional[int] = None):
+    """Validate ULPT's arguments; return ``(z, proj, scale, shift)`` in bank form (``(T, n, r)``,
+    ``(r, d)``, ``(T, d)``, ``(T, d)``: a shared vector expanded, not copied) and the checked int64
+    ``task_ids`` (``rows``: the number it must have, or None)."""
     for name, value in (("z", z), ("proj", proj), ("scale", scale), ("shift", shift)):
         require_tensor(name, value)
     require_ndim("z", z, (2, 3), "(n, r) or (T, n, r)")
@@ -140,19 +155,12 @@ def ulpt_prompt(
     require_size("proj", proj, 0, rank, "the rank r of z")
     scale = _per_task_vector("scale", scale, num_tasks, dim, single)
     shift = _per_task_vector("shift", shift, num_tasks, dim, single)
-
     if single and task_ids is not None:
         raise ValueError(
             f"task_ids was given but z is a single task of shape {tuple(z.shape)}; pass a bank "
             "(T, n, r) to select tasks per row"
         )
-    task_ids = check_task_ids(task_ids, None, num_tasks, z.device)
-    impl = _backends.resolve(backend, z.device, z.dtype, "ulpt", rank, _differentiated(z, proj, scale, shift))
-    if impl.slot is None:
-        out = reference.ulpt_prompt(bank, proj, scale, shift, task_ids)
-    else:
-        out = ulpt_fwd(bank, proj, scale, shift, task_ids, impl=impl.slot)
-    return out.squeeze(0) if single else out
+    return (bank, proj, scale, shift), check_task_ids(task_ids, rows, num_tasks, z.device)
 
 
 def _differentiated(*inputs: Tensor) -> bool:
