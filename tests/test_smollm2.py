@@ -94,3 +94,31 @@ def test_transformers_trainer_checkpoints_the_prompt_only(smollm2, tmp_path):
     resumed, again = run(tmp_path / "b", resume=str(checkpoint))
     assert trainer.state.log_history[1]["loss"] == resumed.state.log_history[1]["loss"]
     assert all(torch.equal(a, b) for a, b in zip(pt.prompt.state_dict().values(), again.prompt.state_dict().values()))
+
+
+@pytest.mark.parametrize("method", ["pt", "ulpt"])
+def test_shared_prefix_equals_inline_on_smollm2(smollm2, method):
+    """The shared prompt prefix on the real model: real-token logits, loss and prompt gradients
+    equal the inline layout's, with left-padded rows; greedy generation identical."""
+    model, tokenizer = smollm2
+    torch.manual_seed(0)
+    pt = lopa.PromptTunedModel.for_method(model, method, num_tokens=10, tokenizer=tokenizer).eval()
+    assert pt.prompt_layout == "shared_prefix"
+    with torch.no_grad():
+        for p in pt.prompt.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ids, mask, labels = _batch(tokenizer)
+    params = [p for p in pt.prompt.parameters() if p.requires_grad]
+    shared = pt(ids, mask, labels=labels)
+    g_shared = torch.autograd.grad(shared.loss, params)
+    pt.prompt_layout = "inline"
+    inline = pt(ids, mask, labels=labels)
+    g_inline = torch.autograd.grad(inline.loss, params)
+    real = mask.bool()
+    torch.testing.assert_close(shared.logits[real], inline.logits[real], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(shared.loss, inline.loss, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_shared, g_inline):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    greedy_inline = pt.generate(ids, mask, max_new_tokens=4, do_sample=False)
+    pt.prompt_layout = "auto"
+    assert torch.equal(pt.generate(ids, mask, max_new_tokens=4, do_sample=False), greedy_inline)
