@@ -12,7 +12,7 @@ and written by one kernel family:
   prompt tensor exists and every element of the output is written once.
 
 Kernels: Triton on CUDA (:mod:`lopa.kernels.assemble`), C++ on the CPU (``csrc/assemble.cpp``),
-and a plain PyTorch reference (:func:`place_tokens_reference`, :func:`place_prompt_reference`)
+and a plain PyTorch reference (:func:`lopa.reference.assembly_tokens`, :func:`~lopa.reference.assembly_prompt`)
 that the others are tested against.  :func:`assembly_backend` is the one place that decides
 which runs.
 
@@ -33,9 +33,10 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from lopa import _backends
+from lopa import _backends, reference
 from lopa._oplib import Backward, define_op
 from lopa._poison import new_output
+from lopa.reference import KIND_COPY, KIND_GATE, KIND_ULPT
 from lopa._validation import FLOAT_DTYPES, INT_DTYPES, check_task_ids, require_tensor, shape_str
 from lopa.layout import (
     BLOCK_FIELDS,
@@ -62,7 +63,6 @@ __all__ = [
 ]
 
 ASSEMBLY_BACKENDS = ("auto", "triton", "cpp", "reference")
-KIND_COPY, KIND_ULPT, KIND_GATE = 1, 2, 3
 _OP_OF_KIND = {KIND_ULPT: "ulpt", KIND_GATE: "gated_prompt"}
 
 
@@ -193,55 +193,6 @@ def _tensor_rows(prompt: Tensor, task_ids, blocks, device) -> Tuple[PromptRows, 
     return PromptRows(KIND_COPY, (prompt,)), torch.arange(prompt.shape[0], device=prompt.device)
 
 
-# ----------------------------------------------------------------------------- reference kernels
-def place_tokens_reference(out: Tensor, table: Tensor, blocks: Tensor, position_block: Tensor, token_ids: Tensor,
-                           pad_id: int) -> None:
-    """PyTorch spec of ``place_tokens``: gathers a table row for every position.
-
-    Prompt positions get a filler row here (the prompt pass overwrites them), so this path
-    writes those positions twice; the fused kernels skip them.
-    """
-    rows, length, dim = out.shape
-    if out.numel() == 0:
-        return
-    pb = position_block.reshape(-1)
-    b = blocks.index_select(0, pb.clamp(min=0))
-    q = torch.arange(rows * length, device=out.device) % length - b[:, 1]
-    tok = torch.where(q < b[:, 3], q, q - b[:, 4])
-    n = token_ids.numel()
-    index = (b[:, 5] + tok).clamp(0, max(n - 1, 0))
-    src = token_ids.index_select(0, index) if n else torch.zeros_like(index)
-    inside = (pb >= 0) & (q >= 0) & (q < b[:, 2] + b[:, 4])
-    src = torch.where(inside, src, torch.full_like(src, pad_id)).clamp(0, table.shape[0] - 1)
-    torch.index_select(table, 0, src, out=out.view(rows * length, dim))
-
-
-def prompt_values_reference(block_index: Tensor, task_ids: Tensor, source: PromptRows) -> Tensor:
-    """``(K, m, d)`` prompt rows of instances ``k`` (task ``task_ids[k]``), float32 or wider."""
-    from lopa import reference
-
-    if source.kind == KIND_COPY:
-        return source.tensors[0].index_select(0, task_ids)
-    if source.kind == KIND_ULPT:
-        z, proj, scale, shift = source.tensors
-        return reference.ulpt_prompt(z, proj, scale, shift, task_ids)
-    zs, u, v = source.tensors
-    return reference.gated_prompt(zs, u, v, task_ids)
-
-
-def place_prompt_reference(out: Tensor, blocks: Tensor, block_index: Tensor, task_ids: Tensor, kind: int,
-                           source: Sequence[Tensor]) -> None:
-    """PyTorch spec of ``place_prompt``: the prompt rows of each listed block, put in place."""
-    rows = PromptRows(kind, tuple(source))
-    count, m = block_index.numel(), rows.rows
-    if count == 0 or m == 0 or out.numel() == 0:
-        return
-    values = prompt_values_reference(block_index, task_ids, rows)
-    b = blocks.index_select(0, block_index)
-    cols = (b[:, 1] + b[:, 3])[:, None] + torch.arange(m, device=out.device)[None, :]
-    out.index_put_((b[:, 0:1], cols), values.to(out.dtype))
-
-
 # ----------------------------------------------------------------------------- dispatch
 class Executor(NamedTuple):
     """One kernel family's pair of in-place kernels (see the module docstring)."""
@@ -266,7 +217,7 @@ def _triton_executor() -> Optional[Executor]:
     return Executor("triton", kernels.place_tokens_, kernels.place_prompt_)
 
 
-REFERENCE_EXECUTOR = Executor("reference", place_tokens_reference, place_prompt_reference)
+REFERENCE_EXECUTOR = Executor("reference", reference.assembly_tokens, reference.assembly_prompt)
 _EXECUTORS: dict = {}
 _LOADERS = {"cpp": _cpp_executor, "triton": _triton_executor}
 
@@ -308,8 +259,7 @@ def fuses_in_place(name: str, kind: int, rank: int, training: bool, requested: s
 
 
 def _materialized(rows: PromptRows, task_ids: Tensor) -> PromptRows:
-    values = prompt_values_reference(torch.arange(task_ids.numel(), device=task_ids.device), task_ids, rows)
-    return PromptRows(KIND_COPY, (values,))
+    return PromptRows(KIND_COPY, (reference.prompt_rows(rows.kind, rows.tensors, task_ids),))
 
 
 # ----------------------------------------------------------------------------- execution
@@ -417,7 +367,7 @@ def _source_backward(backend: str, rows: PromptRows, grad_rows: Tensor, task_ids
                      needs) -> List[Optional[Tensor]]:
     """Gradients of the prompt's tensors given the gradient of its rows (one per instance),
     by the gate's / ULPT's own backward on ``backend``."""
-    from lopa import ops, reference
+    from lopa import ops
 
     if rows.kind == KIND_COPY:
         bank = rows.tensors[0]

@@ -12,6 +12,10 @@ all backends:
 
 Forward functions are differentiable through autograd.  The ``*_backward`` functions
 spell the gradients out explicitly; kernels implement exactly these formulas.
+
+The input assembly (docs/math.md §6) executes a layout plan (:mod:`lopa.layout`):
+:func:`assembly_tokens` and :func:`assembly_prompt` are the spec of its two kernels, with
+prompt rows of kind :data:`KIND_COPY` (a bank), :data:`KIND_ULPT` or :data:`KIND_GATE`.
 """
 from __future__ import annotations
 
@@ -21,6 +25,12 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "assembly_prompt",
+    "assembly_tokens",
+    "prompt_rows",
+    "KIND_COPY",
+    "KIND_ULPT",
+    "KIND_GATE",
     "gated_prompt",
     "gated_prompt_backward",
     "ulpt_prompt",
@@ -150,3 +160,52 @@ def ulpt_prompt_backward(
         grad_scale.to(scale.dtype),
         grad_shift.to(scale.dtype),
     )
+
+
+# ----------------------------------------------------------------------------- input assembly
+KIND_COPY, KIND_ULPT, KIND_GATE = 1, 2, 3  # how prompt rows are made: copied, ULPT, LoPA's gate
+
+
+def prompt_rows(kind: int, source, task_ids: Tensor) -> Tensor:
+    """``(K, m, d)`` prompt rows of ``K`` instances, instance ``k`` of task ``task_ids[k]`` (a gate's
+    ``u``, ``v`` are per instance), in float32 or wider."""
+    if kind == KIND_COPY:
+        return source[0].index_select(0, task_ids)
+    if kind == KIND_ULPT:
+        z, proj, scale, shift = source
+        return ulpt_prompt(z, proj, scale, shift, task_ids)
+    zs, u, v = source
+    return gated_prompt(zs, u, v, task_ids)
+
+
+def assembly_tokens(out: Tensor, table: Tensor, blocks: Tensor, position_block: Tensor, token_ids: Tensor,
+                    pad_id: int) -> None:
+    """Spec of the token pass: a table row for every position of ``out`` ``(R, T, d)``.
+
+    Prompt positions get a filler row here (the prompt pass overwrites them), so this path
+    writes them twice; the fused kernels skip them.
+    """
+    rows, length, dim = out.shape
+    if out.numel() == 0:
+        return
+    pb = position_block.reshape(-1)
+    b = blocks.index_select(0, pb.clamp(min=0))
+    q = torch.arange(rows * length, device=out.device) % length - b[:, 1]
+    tok = torch.where(q < b[:, 3], q, q - b[:, 4])
+    n = token_ids.numel()
+    index = (b[:, 5] + tok).clamp(0, max(n - 1, 0))
+    src = token_ids.index_select(0, index) if n else torch.zeros_like(index)
+    inside = (pb >= 0) & (q >= 0) & (q < b[:, 2] + b[:, 4])
+    src = torch.where(inside, src, torch.full_like(src, pad_id)).clamp(0, table.shape[0] - 1)
+    torch.index_select(table, 0, src, out=out.view(rows * length, dim))
+
+
+def assembly_prompt(out: Tensor, blocks: Tensor, block_index: Tensor, task_ids: Tensor, kind: int, source) -> None:
+    """Spec of the prompt pass: the prompt rows of the blocks ``block_index`` put in place."""
+    count, m = block_index.numel(), source[0].shape[1]
+    if count == 0 or m == 0 or out.numel() == 0:
+        return
+    values = prompt_rows(kind, tuple(source), task_ids)
+    b = blocks.index_select(0, block_index)
+    cols = (b[:, 1] + b[:, 3])[:, None] + torch.arange(m, device=out.device)[None, :]
+    out.index_put_((b[:, 0:1], cols), values.to(out.dtype))

@@ -23,8 +23,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lopa.reference import KIND_COPY, KIND_GATE, KIND_ULPT  # noqa: F401  (the kinds' one definition)
+
 FIELDS = tl.constexpr(6)  # row, start, tokens, split, prompt_rows, offset (lopa.layout.BLOCK_FIELDS)
-KIND_COPY, KIND_ULPT, KIND_GATE = 1, 2, 3
 
 
 @triton.jit
