@@ -189,3 +189,30 @@ def test_bad_packing_settings_are_named(tiny_assets, lm, tmp_path):
     with pytest.raises(ValueError, match=r"max_tokens_per_batch=3 is less than training example 0's \d+ tokens; "
                                          r"raise it to at least the longest example \(\d+ tokens\)"):
         _trainer(tiny_assets, lm, "pt", tmp_path / "tiny-budget", max_tokens_per_batch=3)
+
+
+@pytest.mark.parametrize("flags,packs", [([], True), (["--no-packing"], False)])
+def test_lopa_main_trains_packed_behind_the_shared_prefix(tiny_assets, tmp_path, monkeypatch, flags, packs):
+    """The comparison job's trainers pack (unless told not to) and PT / ULPT run behind the shared prefix;
+    its setting is recorded with each result (a run made otherwise is not reused)."""
+    import json
+
+    from lopa.cli import main
+
+    seen = []
+    real_step = Trainer.train_step
+
+    def spy(self, indices):
+        batch = self._micro_batches(indices)[0]
+        seen.append((self.model.prompted.prompt_layout, is_packed(batch)))
+        return real_step(self, indices)
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    out = tmp_path / "main"
+    argv = ["main", "--model", tiny_assets["lm"], "--dataset", tiny_assets["data"], "--methods", "pt,ulpt:2",
+            "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--max-eval-examples", "8",
+            "--max-test-examples", "8", "--output-dir", str(out), "--no-progress", *flags]
+    assert main(argv) == 0
+    assert seen == [("shared_prefix", packs)] * 4
+    recorded = json.loads((out / "PT-seed0" / "result.json").read_text())["settings"]["train"]
+    assert recorded["packing"] is (None if packs else False)
