@@ -616,20 +616,14 @@ def assemble_inputs(
     batch, length = token_ids.shape
     _check_mask(attention_mask, batch, length, device)
     rows, task_ids = prompt_rows(prompt, table.shape[1], device, task_ids, batch)
-    plan = plan_padded(token_ids, attention_mask, rows.rows, task_ids=task_ids, position_offset=position_offset,
-                       pad_position=pad_position, check_padding=False)
+    starts = first_token_index(attention_mask, batch, length, device)
     follow = _check_ids_and_padding(token_ids if input_ids is not None else None, table.shape[0],
-                                    plan.blocks[:, 3]) if check else False  # unknown: read back by a gather
-    plan = _with_follow(plan, follow)
+                                    starts) if check else False  # unknown: read back by a gather
+    plan = plan_padded(token_ids, attention_mask, rows.rows, task_ids=task_ids, position_offset=position_offset,
+                       pad_position=pad_position, starts=starts, tokens_follow_prompt=follow)
     embeds = assemble(table, plan, PromptRows(rows.kind, rows.tensors), backend=backend)
     return AssembledInputs(embeds, plan.attention_mask, plan.position_ids, plan.token_positions,
                            plan.blocks[:, 3], rows.rows, follow, plan)
-
-
-def _with_follow(plan: LayoutPlan, follow: Optional[bool]) -> LayoutPlan:
-    from dataclasses import replace
-
-    return replace(plan, tokens_follow_prompt=follow)
 
 
 def _token_source(embedding_weight, input_ids, inputs_embeds):

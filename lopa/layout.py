@@ -134,47 +134,53 @@ def position_ids_from_mask(attention_mask: Tensor, offset: int = 0, pad_value: O
     ``pad_value = padding_idx``).
     """
     mask = attention_mask != 0
-    pos = mask.to(torch.int64).cumsum(-1) - 1 + offset
-    return pos.masked_fill(~mask, offset if pad_value is None else pad_value)
+    pos = mask.to(torch.int64).cumsum(-1).add_(offset - 1)
+    return pos.masked_fill_(~mask, offset if pad_value is None else pad_value)
 
 
 def _blocks(*columns: Tensor) -> Tensor:
-    return torch.stack([c.to(torch.int64) for c in columns], dim=1)
+    # A handful of int64 columns; skip the conversions that would be no-ops (this runs every step).
+    return torch.stack([c if c.dtype == torch.int64 else c.to(torch.int64) for c in columns], dim=1)
 
 
 # ----------------------------------------------------------------------------- padded batches
 def plan_padded(token_ids: Tensor, attention_mask: Optional[Tensor], prompt_rows: int, *,
                 task_ids: Optional[Tensor] = None, position_offset: int = 0,
-                pad_position: Optional[int] = None, check_padding: bool = True) -> LayoutPlan:
+                pad_position: Optional[int] = None, check_padding: bool = True,
+                starts: Optional[Tensor] = None, tokens_follow_prompt: Optional[bool] = None) -> LayoutPlan:
     """The plan of a padded ``(B, L)`` batch: each row's prompt right before its first real token.
 
     ``token_ids`` ``(B, L)`` are rows of the token table (the input ids, or
     ``arange(B*L)`` for precomputed embeddings); ``attention_mask`` marks left and/or right
     padding (``None``: none).  Output position ``j`` of row ``b`` reads input ``j`` before the
     prompt and ``j - m`` after it; the mask gets ones at the prompt rows and the position
-    ids are counted over real positions.
+    ids are counted over real positions.  ``starts`` (each row's first real token, from
+    :func:`first_token_index`) and ``tokens_follow_prompt`` may be given when already known.
+    A training step builds this plan every time: it stays a few cheap tensor ops.
     """
     batch, length = token_ids.shape
     device = token_ids.device
     m = int(prompt_rows)
-    starts = first_token_index(attention_mask, batch, length, device)
+    if starts is None:
+        starts = first_token_index(attention_mask, batch, length, device)
     rows = torch.arange(batch, device=device)
     blocks = _blocks(rows, torch.zeros_like(rows), torch.full_like(rows, length), starts,
                      torch.full_like(rows, m), rows * length)
     if task_ids is None:
         task_ids = torch.zeros(batch, dtype=torch.int64, device=device)
     j = torch.arange(length, device=device)
-    token_positions = j[None, :] + m * (j[None, :] >= starts[:, None]).to(torch.int64)
-    base_mask = (torch.ones(batch, length, dtype=torch.int64, device=device) if attention_mask is None
-                 else attention_mask.to(torch.int64))
+    token_positions = (j >= starts[:, None]).to(torch.int64).mul_(m).add_(j)
     mask = torch.ones(batch, length + m, dtype=torch.int64, device=device)
-    mask.scatter_(1, token_positions, base_mask)
+    if attention_mask is not None:
+        mask.scatter_(1, token_positions, attention_mask if attention_mask.dtype == torch.int64
+                      else attention_mask.to(torch.int64))
     position_ids = position_ids_from_mask(mask, position_offset, pad_position)
-    follow = None
-    if check_padding and not torch.compiler.is_compiling() and batch:
+    follow = tokens_follow_prompt
+    if follow is None and check_padding and not torch.compiler.is_compiling() and batch:
         follow = bool(starts.max() == 0)
     return LayoutPlan(blocks, task_ids, rows[:, None].expand(batch, length + m).contiguous(),
-                      token_ids.reshape(-1).to(torch.int64), 0, m, mask, position_ids, token_positions, follow)
+                      token_ids.reshape(-1) if token_ids.dtype == torch.int64 else token_ids.reshape(-1).to(torch.int64),
+                      0, m, mask, position_ids, token_positions, follow)
 
 
 # ----------------------------------------------------------------------------- blocks in rows
