@@ -173,15 +173,18 @@ def synchronize(device: torch.device) -> None:
 
 
 def spread(times_ms: List[float]) -> Dict[str, float]:
-    """Median and 20th / 80th percentiles (nearest rank below) of a list of timings in ms."""
+    """Median and 20th / 80th percentiles (interpolated between ranks) of timings in ms."""
     times = sorted(times_ms)
     if not times:
         raise ValueError("spread() needs at least one timing")
-    return {
-        "median_ms": statistics.median(times),
-        "p20_ms": times[int(0.2 * (len(times) - 1))],
-        "p80_ms": times[int(0.8 * (len(times) - 1))],
-    }
+
+    def percentile(q: float) -> float:
+        position = q * (len(times) - 1)
+        low = int(position)
+        high = min(low + 1, len(times) - 1)
+        return times[low] + (position - low) * (times[high] - times[low])
+
+    return {"median_ms": statistics.median(times), "p20_ms": percentile(0.2), "p80_ms": percentile(0.8)}
 
 
 def time_ms(run: Callable, device: torch.device, min_time_s: float = 0.2, max_reps: int = 200,

@@ -344,19 +344,19 @@ class Record:
 
 def warm_up(record: Record, batches: Sequence[Batch], device: torch.device, memory: bool) -> None:
     """First calls (compilation for a compiled method, one per batch shape), then the peak memory
-    of one step on the first batch (that step warms an eager method up)."""
+    of one step on the first batch (that step warms an eager method up).  ``first_loss`` is the
+    loss of the method's very first step, before any update."""
     trainee = record.trainee
+    losses = []
     if trainee.method.compiled:
         start = time.perf_counter()
-        for batch in batches:
-            trainee.step(batch.inputs(trainee.method))
+        losses += [trainee.step(batch.inputs(trainee.method)) for batch in batches]
         synchronize(device)
         record.compile_s = time.perf_counter() - start
     inputs = batches[0].inputs(trainee.method)
-    losses = []
     if memory:
         record.peak_bytes = peak_bytes(lambda: losses.append(trainee.step(inputs)), device)
-    else:
+    elif not losses:
         losses.append(trainee.step(inputs))
     record.first_loss = float(losses[0])
     record.assembly_ms = inline_assembly_ms(trainee, batches[0], device)
@@ -482,6 +482,10 @@ def _number(value: float, fmt: str) -> str:
     return "—" if value != value else format(value, fmt)
 
 
+def _rate(value: float) -> str:
+    return _number(value, ".1f" if value < 100 else ".0f")
+
+
 def _mib(nbytes: float) -> str:
     return _number(nbytes / 2**20, ".1f" if nbytes < 10 * 2**20 else ".0f")
 
@@ -492,9 +496,10 @@ def markdown(rows: Sequence[Dict], overhead: Sequence[Dict], info: Dict[str, str
         for m in dict.fromkeys(r["num_tokens"] for r in rows if r["model"] == model):
             group = [r for r in rows if r["model"] == model and r["num_tokens"] == m]
             first = group[0]
-            out += [f"**{model}, m = {m}** ({first['dtype']}, B = {first['batch']}, {first['batches']} batch(es) of "
-                    f"{first['data']}: {first['real_tokens_per_batch']:.0f} real tokens per batch, longest "
-                    f"{first['max_len_mean']:.0f} on average; {first['rounds']} round(s))", "",
+            per = " (mean over the batches)" if int(first["batches"]) > 1 else ""
+            out += [f"**{model}, m = {m}** ({first['dtype']}, {first['batches']} batch(es) of B = {first['batch']} "
+                    f"{first['data']}: {first['real_tokens_per_batch']:.0f} real tokens and L_max = "
+                    f"{first['max_len_mean']:.0f} per batch{per}; {first['rounds']} round(s))", "",
                     "| method | real tokens/s | vs PEFT | token-count limit | step ms (p20–p80) | peak MiB | "
                     "compile s | first loss |",
                     "|---|---|---|---|---|---|---|---|"]
@@ -502,7 +507,7 @@ def markdown(rows: Sequence[Dict], overhead: Sequence[Dict], info: Dict[str, str
                 step = "failed: " + r["error"] if r["error"] else \
                     f"{r['step_ms']:.0f} ({r['p20_ms']:.0f}–{r['p80_ms']:.0f})"
                 out.append("| " + " | ".join([
-                    r["label"], _number(r["real_tokens_per_s"], ".0f"),
+                    r["label"], _rate(r["real_tokens_per_s"]),
                     _number(r["vs_peft"], ".2f") + ("×" if r["vs_peft"] == r["vs_peft"] else ""),
                     f"{r['token_limit']:.2f}×", step, _mib(r["peak_mem_bytes"]),
                     _number(r["compile_s"], ".0f"), _number(r["first_loss"], ".4f")]) + " |")
@@ -567,8 +572,6 @@ def write_results(out: str, rows: Sequence[Dict], overhead: Sequence[Dict], info
     text = markdown(rows, overhead, info)
     with open(os.path.join(out, "end_to_end.md"), "w") as f:
         f.write(text + "\n")
-    if rows:
-        plot(rows, os.path.join(out, "end_to_end.png"))
     return text
 
 
@@ -586,7 +589,7 @@ class Settings:
 
 def settings_from(args) -> Settings:
     if args.smoke:
-        base = Settings(batch=4, batches=1, rounds=1, num_tokens=(2, 5), compile=False, memory=True, overhead_s=0.02)
+        base = Settings(batch=4, batches=1, rounds=1, num_tokens=(3,), compile=False, memory=True, overhead_s=0.02)
     elif args.quick:
         base = Settings(batch=BATCH, batches=1, rounds=2, num_tokens=NUM_TOKENS, compile=True, memory=True,
                         overhead_s=0.3)
@@ -622,7 +625,7 @@ def parse_args(argv=None):
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="1 batch per round, 2 rounds")
     mode.add_argument("--smoke", action="store_true",
-                      help="a tiny config model, B=4, m=2,5, 1 round, no compile: seconds (for tests)")
+                      help="a tiny config model, B=4, m=3, 1 round, no compile: seconds (for tests)")
     parser.add_argument("--rounds", type=positive_int, help="rounds of all methods in turn (default 3; --quick 2)")
     parser.add_argument("--batches", type=positive_int, help="batches timed per method and round (default 2; --quick 1)")
     parser.add_argument("--batch", type=positive_int, help=f"sequences per batch (default {BATCH})")
@@ -666,8 +669,9 @@ def run(args) -> List[Dict]:
             rows.append(row)
         add_ratios(rows)
         info["load_end"] = load_average()
-        text = write_results(args.out, [{**r, **info} for r in rows], overhead, info)  # after each m: a
-        # run cut short still leaves what it measured
+        # Written after each m: a run cut short still leaves what it measured.
+        text = write_results(args.out, [{**r, **info} for r in rows], overhead, info)
+    plot(rows, os.path.join(args.out, "end_to_end.png"))
     log(text)
     return rows
 
