@@ -54,6 +54,7 @@ from common import (GatedShape, UlptShape, default_device, machine_info, make_in
                     op_function, peak_bytes, providers_for, spread, synchronize, time_ms)
 
 import lopa  # noqa: E402
+from lopa.cli import _positive_int as positive_int  # noqa: E402 -- the CLI's argument type
 
 BATCH = 16
 NUM_TOKENS = (10, 100)
@@ -71,6 +72,10 @@ TINY_SHAPE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidd
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=True)
 OVERHEAD_SHAPES = (UlptShape(n=10, r=2, d=64), GatedShape(B=2, m=4, r=2, d=64))
+# Wall time, and this process's CPU time: with one thread, what the step itself costs, which
+# other processes on a busy machine barely move (they do share its caches and memory bandwidth).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK_NAMES = {"wall": "the wall clock", "cpu": "this process's CPU time"}
 
 
 # ----------------------------------------------------------------------------- methods
@@ -308,12 +313,13 @@ def attach_instance_vectors(trainees: Sequence[Trainee], batches: Sequence[Batch
             batch.pooled = lopa_model.instance_vectors(batch.padded["input_ids"], batch.padded["attention_mask"])
 
 
-def timed_step_ms(trainee: Trainee, inputs, device: torch.device) -> float:
+def timed_step(trainee: Trainee, inputs, device: torch.device) -> Dict[str, float]:
+    """One step's ms by each of CLOCKS."""
     synchronize(device)
-    start = time.perf_counter()
+    start = {clock: read() for clock, read in CLOCKS.items()}
     trainee.step(inputs)
     synchronize(device)
-    return (time.perf_counter() - start) * 1e3
+    return {clock: (read() - start[clock]) * 1e3 for clock, read in CLOCKS.items()}
 
 
 def inline_assembly_ms(trainee: Trainee, batch: Batch, device: torch.device) -> float:
@@ -334,7 +340,7 @@ def inline_assembly_ms(trainee: Trainee, batch: Batch, device: torch.device) -> 
 class Record:
     """What one method measured over the run."""
     trainee: Trainee
-    round_ms: List[List[float]] = field(default_factory=list)  # per round, per batch
+    round_ms: List[List[Dict[str, float]]] = field(default_factory=list)  # per round, per batch, per clock
     compile_s: float = float("nan")
     peak_bytes: float = float("nan")
     first_loss: float = float("nan")
@@ -369,47 +375,58 @@ def interleaved_rounds(records: Sequence[Record], batches: Sequence[Batch], devi
     for round_ in range(rounds):
         shift = round_ % max(len(live), 1)
         for record in live[shift:] + live[:shift]:
-            times = [timed_step_ms(record.trainee, b.inputs(record.trainee.method), device) for b in batches]
+            times = [timed_step(record.trainee, b.inputs(record.trainee.method), device) for b in batches]
             record.round_ms.append(times)
-            log(f"  round {round_} {record.trainee.method.name:28} step {statistics.median(times):10.1f} ms")
+            wall, cpu = (statistics.median(t[clock] for t in times) for clock in ("wall", "cpu"))
+            log(f"  round {round_} {record.trainee.method.name:32} step {wall:10.1f} ms wall, {cpu:10.1f} ms CPU")
 
 
-def summary_row(record: Record, m: int, batches: Sequence[Batch]) -> Dict:
+def summary_row(record: Record, m: int, batches: Sequence[Batch], clock: str) -> Dict:
+    """One method's results; the unsuffixed timing fields are by ``clock``, the CSV has both clocks'."""
     method = record.trainee.method
-    steps = [t for times in record.round_ms for t in times]
-    timing = spread(steps) if steps else {"median_ms": math.nan, "p20_ms": math.nan, "p80_ms": math.nan}
     real = sum(b.real_tokens for b in batches)
-    per_round = [real / (sum(times) / 1e3) for times in record.round_ms]
+
+    def steps(c: str) -> List[float]:
+        return [t[c] for times in record.round_ms for t in times]
+
+    def throughput(c: str) -> float:  # median over rounds of the round's real tokens per second
+        per_round = [real / (sum(t[c] for t in times) / 1e3) for times in record.round_ms]
+        return statistics.median(per_round) if per_round else math.nan
+
+    timing = spread(steps(clock)) if record.round_ms else {"median_ms": math.nan, "p20_ms": math.nan,
+                                                           "p80_ms": math.nan}
     lengths = [b.lengths for b in batches]
     params = sum(p.numel() for p in record.trainee.model.parameters() if p.requires_grad)
     return {
         "num_tokens": m, "method": method.name, "label": method.label, "kind": method.kind,
         "layout": method.layout if method.kind != "peft" else "peft", "packed": method.packed,
-        "compiled": method.compiled,
-        "real_tokens_per_s": statistics.median(per_round) if per_round else math.nan,
-        "vs_peft": math.nan,
+        "compiled": method.compiled, "clock": clock,
+        "real_tokens_per_s": throughput(clock), "vs_peft": math.nan,
         "token_limit": token_limit(lengths, m, method),
         "step_ms": timing["median_ms"], "p20_ms": timing["p20_ms"], "p80_ms": timing["p80_ms"],
+        **{f"real_tokens_per_s_{c}": throughput(c) for c in CLOCKS}, **{f"vs_peft_{c}": math.nan for c in CLOCKS},
+        **{f"step_ms_{c}": statistics.median(steps(c)) if record.round_ms else math.nan for c in CLOCKS},
         "peak_mem_bytes": record.peak_bytes, "compile_s": record.compile_s,
         "inline_assembly_ms": record.assembly_ms, "first_loss": record.first_loss, "trainable_params": params,
         "real_tokens_per_batch": real / len(batches),
         "token_forwards_per_batch": sum(token_forwards(l, m, method) for l in lengths) / len(batches),
-        "max_len_mean": statistics.mean(max(l) for l in lengths), "steps_timed": len(steps),
+        "max_len_mean": statistics.mean(max(l) for l in lengths), "steps_timed": len(steps(clock)),
         "rounds": len(record.round_ms), "error": record.error,
     }
 
 
 def add_ratios(rows: List[Dict]) -> None:
-    """Each row's real-token throughput over PEFT's at the same model and m."""
+    """Each row's real-token throughput over PEFT's at the same model and m, by each clock."""
     for row in rows:
         peft = next((r for r in rows if r["method"] == PEFT.name and r["num_tokens"] == row["num_tokens"]
                      and r["model"] == row["model"]), None)
-        if peft and peft["real_tokens_per_s"] > 0:
-            row["vs_peft"] = row["real_tokens_per_s"] / peft["real_tokens_per_s"]
+        for suffix in ("", *(f"_{c}" for c in CLOCKS)):
+            if peft and peft["real_tokens_per_s" + suffix] > 0:
+                row["vs_peft" + suffix] = row["real_tokens_per_s" + suffix] / peft["real_tokens_per_s" + suffix]
 
 
 def run_prompt_length(base: Base, m: int, methods: Sequence[Method], batches: Sequence[Batch], device: torch.device,
-                      rounds: int, memory: bool, log: Callable[[str], None]) -> List[Dict]:
+                      rounds: int, memory: bool, clock: str, log: Callable[[str], None]) -> List[Dict]:
     records = []
     for method in methods:
         try:
@@ -427,7 +444,7 @@ def run_prompt_length(base: Base, m: int, methods: Sequence[Method], batches: Se
         extra = f", compiled in {record.compile_s:.1f} s" if record.trainee.method.compiled else ""
         log(f"m={m} {record.trainee.method.name:28} ready (first loss {record.first_loss:.4f}{extra})")
     interleaved_rounds(records, batches, device, rounds, log)
-    return [summary_row(r, m, batches) for r in records]
+    return [summary_row(r, m, batches, clock) for r in records]
 
 
 # ----------------------------------------------------------------------------- prompt op host cost
@@ -482,7 +499,11 @@ def _number(value: float, fmt: str) -> str:
     return "—" if value != value else format(value, fmt)
 
 
-def _rate(value: float) -> str:
+def _ratio(value: float) -> str:
+    return _number(value, ".2f") + ("×" if value == value else "")
+
+
+def _rate(value: float) -> str:  # tokens/s or ms: three figures or more
     return _number(value, ".1f" if value < 100 else ".0f")
 
 
@@ -497,18 +518,21 @@ def markdown(rows: Sequence[Dict], overhead: Sequence[Dict], info: Dict[str, str
             group = [r for r in rows if r["model"] == model and r["num_tokens"] == m]
             first = group[0]
             per = " (mean over the batches)" if int(first["batches"]) > 1 else ""
+            timed = CLOCK_NAMES[first["clock"]]
+            # On the CPU clock, the wall-clock ratio too: the two disagree when the machine is busy.
+            wall = first["clock"] != "wall"
             out += [f"**{model}, m = {m}** ({first['dtype']}, {first['batches']} batch(es) of B = {first['batch']} "
                     f"{first['data']}: {first['real_tokens_per_batch']:.0f} real tokens and L_max = "
-                    f"{first['max_len_mean']:.0f} per batch{per}; {first['rounds']} round(s))", "",
-                    "| method | real tokens/s | vs PEFT | token-count limit | step ms (p20–p80) | peak MiB | "
-                    "compile s | first loss |",
-                    "|---|---|---|---|---|---|---|---|"]
+                    f"{first['max_len_mean']:.0f} per batch{per}; {first['rounds']} round(s); timed by {timed})", "",
+                    "| method | real tokens/s | vs PEFT |" + (" vs PEFT, wall clock |" if wall else "")
+                    + " token-count limit | step ms (p20–p80) | peak MiB | compile s | first loss |",
+                    "|---|---|---|" + ("---|" if wall else "") + "---|---|---|---|---|"]
             for r in group:
                 step = "failed: " + r["error"] if r["error"] else \
-                    f"{r['step_ms']:.0f} ({r['p20_ms']:.0f}–{r['p80_ms']:.0f})"
+                    f"{_rate(r['step_ms'])} ({_rate(r['p20_ms'])}–{_rate(r['p80_ms'])})"
                 out.append("| " + " | ".join([
-                    r["label"], _rate(r["real_tokens_per_s"]),
-                    _number(r["vs_peft"], ".2f") + ("×" if r["vs_peft"] == r["vs_peft"] else ""),
+                    r["label"], _rate(r["real_tokens_per_s"]), _ratio(r["vs_peft"])]
+                    + ([_ratio(r["vs_peft_wall"])] if wall else []) + [
                     f"{r['token_limit']:.2f}×", step, _mib(r["peak_mem_bytes"]),
                     _number(r["compile_s"], ".0f"), _number(r["first_loss"], ".4f")]) + " |")
             out.append("")
@@ -585,31 +609,27 @@ class Settings:
     compile: bool
     memory: bool
     overhead_s: float
+    clock: str
 
 
 def settings_from(args) -> Settings:
     if args.smoke:
-        base = Settings(batch=4, batches=1, rounds=1, num_tokens=(3,), compile=False, memory=True, overhead_s=0.02)
+        base = Settings(batch=4, batches=1, rounds=1, num_tokens=(3,), compile=False, memory=True, overhead_s=0.02,
+                        clock="wall")
     elif args.quick:
         base = Settings(batch=BATCH, batches=1, rounds=2, num_tokens=NUM_TOKENS, compile=True, memory=True,
-                        overhead_s=0.3)
+                        overhead_s=0.3, clock="wall")
     else:
         base = Settings(batch=BATCH, batches=2, rounds=3, num_tokens=NUM_TOKENS, compile=True, memory=True,
-                        overhead_s=1.0)
+                        overhead_s=1.0, clock="wall")
+    # One CPU thread: the process's CPU time is the step's own cost. Several threads add their
+    # spin-waits to it, and on CUDA it is host time only: the wall clock then.
+    if default_device().type == "cpu" and args.threads == 1:
+        base = replace(base, clock="cpu")
     return replace(base, **{k: v for k, v in dict(
         batch=args.batch, batches=args.batches, rounds=args.rounds, num_tokens=args.num_tokens,
-        compile=args.compile, memory=False if args.no_memory else None).items()
+        compile=args.compile, memory=False if args.no_memory else None, clock=args.clock).items()
         if v is not None})
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def int_list(text: str) -> tuple:
@@ -621,13 +641,15 @@ def int_list(text: str) -> tuple:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="out/bench", help="folder for end_to_end.csv / .md / .png (default: %(default)s)")
+    parser.add_argument("--out", default="out/bench",
+                        help="folder for end_to_end.csv / .md / .png (default: %(default)s)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="1 batch per round, 2 rounds")
     mode.add_argument("--smoke", action="store_true",
                       help="a tiny config model, B=4, m=3, 1 round, no compile: seconds (for tests)")
     parser.add_argument("--rounds", type=positive_int, help="rounds of all methods in turn (default 3; --quick 2)")
-    parser.add_argument("--batches", type=positive_int, help="batches timed per method and round (default 2; --quick 1)")
+    parser.add_argument("--batches", type=positive_int,
+                        help="batches timed per method and round (default 2; --quick 1)")
     parser.add_argument("--batch", type=positive_int, help=f"sequences per batch (default {BATCH})")
     parser.add_argument("--num-tokens", type=int_list, help="prompt lengths m, comma-separated (default 10,100)")
     parser.add_argument("--methods", help="comma-separated method names (PEFT is always timed); default: all")
@@ -635,6 +657,9 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
                         help="time the torch.compile methods (minutes each to compile; default: on, off with --smoke)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step of each method")
+    parser.add_argument("--clock", choices=tuple(CLOCKS),
+                        help="the tables' clock (default: cpu -- this process's CPU time, which a busy machine "
+                             "barely moves -- with one CPU thread, else wall); the CSV has both")
     parser.add_argument("--seed", type=int, default=0, help="which sentences are drawn (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
@@ -663,7 +688,8 @@ def run(args) -> List[Dict]:
     for m in settings.num_tokens:
         log(f"{base.name}, m={m}: {len(methods)} methods, {settings.batches} batch(es) of {settings.batch}, "
             f"{settings.rounds} round(s)")
-        for row in run_prompt_length(base, m, methods, batches, device, settings.rounds, settings.memory, log):
+        for row in run_prompt_length(base, m, methods, batches, device, settings.rounds, settings.memory,
+                                     settings.clock, log):
             row.update(model=base.name, data=source, dtype=str(dtype).replace("torch.", ""), batch=settings.batch,
                        batches=settings.batches)
             rows.append(row)

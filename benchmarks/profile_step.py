@@ -2,7 +2,8 @@
 the end-to-end benchmark's model and batches (host ops by self CPU time, device kernels by
 time, and the host syncs, which stall the launch queue).
 
-    python benchmarks/profile_step.py --methods peft-pt,pt-shared-packed,lopa-r4-inline-packed --out out/profile
+    python benchmarks/profile_step.py --methods peft-pt,pt-shared-packed,lopa-r4-inline-packed \
+        --num-tokens 100 --out out/profile
     python benchmarks/profile_step.py --smoke --methods pt-inline,pt-shared   # tiny config model
 
 Method names are those of benchmarks/end_to_end.py (``--methods`` there lists them on a typo).

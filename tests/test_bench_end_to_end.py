@@ -94,11 +94,15 @@ def test_smoke_run_writes_its_results(tmp_path):
         assert math.isfinite(float(row["real_tokens_per_s"])) and float(row["real_tokens_per_s"]) > 0
         assert float(row["p20_ms"]) <= float(row["step_ms"]) <= float(row["p80_ms"])
         assert row["torch"] == torch.__version__ and row["cpu_threads"] == "1" and row["load_start"]
+        # One thread on the CPU: the tables use the process's CPU time; the wall clock is kept too.
+        assert row["clock"] == "cpu" and row["real_tokens_per_s"] == row["real_tokens_per_s_cpu"]
+        assert float(row["real_tokens_per_s_wall"]) > 0 and float(row["step_ms_wall"]) > 0
         peft = next(r for r in rows if r["method"] == "peft-pt" and r["num_tokens"] == row["num_tokens"])
         assert float(row["token_limit"]) == pytest.approx(
             float(peft["token_forwards_per_batch"]) / float(row["token_forwards_per_batch"]))
     by = {r["method"]: r for r in rows}
     assert by["peft-pt"]["num_tokens"] == "3" and float(by["peft-pt"]["vs_peft"]) == 1.0
+    assert float(by["peft-pt"]["vs_peft_wall"]) == 1.0
     # The timed methods compute the same step: the shared prefix's loss is the inline one's.
     for kind in ("pt", "ulpt-r2"):
         assert float(by[f"{kind}-shared"]["first_loss"]) == pytest.approx(float(by[f"{kind}-inline"]["first_loss"]),
