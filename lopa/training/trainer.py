@@ -18,6 +18,14 @@ Reproducible and resumable:
 * ``output_dir/best.pt`` keeps the trainable parameters of the best evaluation so far; a tie
   on the metric goes to the lower validation loss.
 
+Packed micro-batches (``packing``, on by default wherever the model supports it): each
+micro-batch's examples go padding-free into one row (``task.collate(..., packed=True)``), each
+sequence behind the prompt (PT / ULPT: one shared prefix per micro-batch).
+``max_tokens_per_batch`` splits a step's examples into packed micro-batches of at most that many
+tokens; every micro-batch's loss is divided by the step's ``num_items_in_batch``, so the step's
+loss and gradient are those of the unsplit step.  Evaluation pads length-grouped batches
+(``eval_packing`` packs them).
+
 Multi-process (``torchrun`` / ``accelerate launch``): the trainer joins the process group
 from the environment (gloo on CPU, NCCL on CUDA), wraps the model in
 ``DistributedDataParallel`` (frozen parameters ignored), gives each rank its share of
