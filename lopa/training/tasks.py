@@ -193,6 +193,15 @@ class ClassificationTask(_Base):
                 "tokens differ (a leading space usually matters: ' positive')"
             )
         self.label_token_ids = ids
+        self._label_tensors: Dict[tuple, Tensor] = {}
+
+    def _label_ids_on(self, device: torch.device) -> Tensor:
+        """The label words' token ids as a tensor, made once per device (no copy from the host per step)."""
+        key = (device, tuple(self.label_token_ids))
+        cached = self._label_tensors.get(key)
+        if cached is None:
+            cached = self._label_tensors[key] = torch.tensor(self.label_token_ids, device=device)
+        return cached
 
     @property
     def num_labels(self) -> int:
@@ -223,8 +232,9 @@ class ClassificationTask(_Base):
         hidden = model.hidden_states(batch)  # (B, L, D) or packed (1, N, D), real-token positions
         h = _flat(hidden).index_select(0, self._last_tokens(batch, hidden.shape[1]))  # (B, D)
         head = model.output_head()
-        weight = head.weight.index_select(0, torch.tensor(self.label_token_ids, device=h.device))
-        bias = None if getattr(head, "bias", None) is None else head.bias[self.label_token_ids]
+        words = self._label_ids_on(h.device)
+        weight = head.weight.index_select(0, words)
+        bias = None if getattr(head, "bias", None) is None else head.bias.index_select(0, words)
         logits = F.linear(h.to(weight.dtype), weight, bias).float()  # (B, C)
         out = {"logits": logits}
         if "labels" in batch:
