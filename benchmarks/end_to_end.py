@@ -27,8 +27,11 @@ m + sum L; LoPA packed: sum L + B x m), the speed-up if time were proportional t
 positions the model runs.  Also step ms (median, p20-p80), peak memory (as
 benchmarks/common.py measures it), the compile time, the first step's loss, and the eager
 host cost of one prompt op (forward, forward + backward) at a tiny shape.  Methods take turns
-round after round, the order rotating, so drift of a shared machine lands on all of them; the
-machine's load average is recorded at the start and end.
+round after round, the order rotating, so drift of a shared machine lands on all of them.
+Every step is timed by the wall clock and by this process's CPU time; with one CPU thread
+(the default) the tables use the CPU time, which other processes on a busy machine barely
+move, and show the wall-clock ratio beside it; the CSV keeps both, and the machine's load
+average at the start and end.
 
     python benchmarks/end_to_end.py --out out/bench             # 2 batches x 3 rounds
     python benchmarks/end_to_end.py --quick --out out/bench     # 1 batch x 2 rounds
