@@ -41,6 +41,8 @@ __all__ = [
     "plan_packed",
     "plan_requests",
     "plan_prompts_only",
+    "pack_rows",
+    "PackedRows",
     "plan_from_blocks",
     "request_blocks",
     "first_token_index",
@@ -193,8 +195,8 @@ def plan_from_blocks(blocks: Tensor, task_ids: Tensor, token_ids: Tensor, *, row
     ``position_offset`` at the block's start; the others are pads.  ``covered`` is the number
     of positions the blocks cover (the sum of their sizes), known to the caller, so nothing
     here waits for the device.  ``token_positions`` maps every token of ``token_ids`` that a
-    block reads to its output position (``(1, N)``; the blocks read disjoint ranges covering
-    all of ``token_ids``).
+    block reads to its output position, flat: ``row * length + column`` (``(1, N)``; the blocks
+    read disjoint ranges covering all of ``token_ids``).
     """
     device = blocks.device
     count = blocks.shape[0]
@@ -212,14 +214,15 @@ def plan_from_blocks(blocks: Tensor, task_ids: Tensor, token_ids: Tensor, *, row
     j = torch.arange(length, device=device)
     pad_value = position_offset if pad_position is None else pad_position
     position_ids = torch.where(inside, j - starts + position_offset, torch.full_like(mask, pad_value))
-    token_positions = _token_positions(blocks, token_ids.numel())
+    token_positions = _token_positions(blocks, token_ids.numel(), length)
     return LayoutPlan(blocks, task_ids.to(torch.int64), position_block, token_ids.reshape(-1).to(torch.int64),
                       int(pad_id), int(prompt_rows), mask, position_ids, token_positions, None)
 
 
-def _token_positions(blocks: Tensor, n: int) -> Tensor:
-    """``(1, N)``: the output position (within its row) of token id ``k``, for blocks that
-    read disjoint ranges covering all ``n`` token ids."""
+def _token_positions(blocks: Tensor, n: int, length: int) -> Tensor:
+    """``(1, N)``: where token id ``k`` lands, as a flat index ``row * T + column`` into the
+    ``(R, T)`` output (the column itself for one row), for blocks that read disjoint ranges
+    covering all ``n`` token ids."""
     device = blocks.device
     if blocks.shape[0] == 0 or n == 0:
         return torch.zeros(1, n, dtype=torch.int64, device=device)
@@ -227,21 +230,24 @@ def _token_positions(blocks: Tensor, n: int) -> Tensor:
     owner = torch.repeat_interleave(torch.arange(blocks.shape[0], device=device), tokens, output_size=n)
     k = torch.arange(n, device=device) - (torch.cumsum(tokens, 0) - tokens)[owner]
     b = blocks[owner]
-    pos = b[:, START] + torch.where(k < b[:, SPLIT], k, k + b[:, PROMPT])
+    pos = b[:, ROW] * length + b[:, START] + torch.where(k < b[:, SPLIT], k, k + b[:, PROMPT])
     return torch.zeros(1, n, dtype=torch.int64, device=device).index_put_((torch.zeros_like(k), b[:, OFFSET] + k), pos)
 
 
 # ----------------------------------------------------------------------------- packed batches
 def plan_packed(token_ids: Tensor, sequence_starts: Tensor, sequence_lengths: Tensor, prompt_rows: int, *,
-                inline_prompt: bool = True, task_ids: Optional[Tensor] = None, position_offset: int = 0) -> LayoutPlan:
-    """The plan of a padding-free packed row: ``S`` sequences one after another in row 0.
+                inline_prompt: bool = True, task_ids: Optional[Tensor] = None, position_offset: int = 0,
+                rows: Optional[PackedRows] = None) -> LayoutPlan:
+    """The plan of padding-free packed sequences: ``S`` sequences one after another in a row.
 
     ``token_ids`` ``(1, N)``; ``sequence_starts`` / ``sequence_lengths`` ``(S,)``: where each
     sequence begins in the input and how many tokens it has (they tile ``[0, N)`` in order).
     With ``inline_prompt`` every sequence gets its own ``m`` prompt rows before its tokens
-    (LoPA's per-instance prompt: ``T = N + S*m``); otherwise the prompt is a shared prefix the
-    model holds in its cache, the row holds the tokens only (``T = N``) and every sequence's
-    positions start at ``m`` (plus ``position_offset``).
+    (LoPA's per-instance prompt); otherwise the prompt is a shared prefix the model holds in its
+    cache, the rows hold the tokens only and every sequence's positions start at ``m`` (plus
+    ``position_offset``).  ``rows`` (:func:`pack_rows`) spreads the sequences over several rows
+    of bounded length (attention costs the square of a row's length); by default they share
+    one row.  ``token_positions`` are flat (``row * T + column``).
     """
     device = token_ids.device
     m = int(prompt_rows)
@@ -250,14 +256,45 @@ def plan_packed(token_ids: Tensor, sequence_starts: Tensor, sequence_lengths: Te
     count = starts.shape[0]
     seq = torch.arange(count, device=device)
     per_block = m if inline_prompt else 0
-    blocks = _blocks(torch.zeros_like(seq), starts + seq * per_block, lengths, torch.zeros_like(seq),
-                     torch.full_like(seq, per_block), starts)
     n = token_ids.shape[-1]
-    total = n + count * per_block
+    if rows is None:
+        rows = PackedRows(torch.zeros_like(seq), starts + seq * per_block, 1, n + count * per_block,
+                          n + count * per_block)
+    blocks = _blocks(rows.row.to(device), rows.offset.to(device), lengths, torch.zeros_like(seq),
+                     torch.full_like(seq, per_block), starts)
     if task_ids is None:
         task_ids = torch.zeros(count, dtype=torch.int64, device=device)
-    return plan_from_blocks(blocks, task_ids, token_ids, rows=1, length=total, covered=total, prompt_rows=per_block,
-                            position_offset=position_offset + (0 if inline_prompt else m))
+    return plan_from_blocks(blocks, task_ids, token_ids, rows=rows.count, length=rows.length, covered=rows.covered,
+                            prompt_rows=per_block, position_offset=position_offset + (0 if inline_prompt else m))
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Where each packed sequence's block goes: its row and its first column."""
+
+    row: Tensor  # (S,) int64
+    offset: Tensor  # (S,) int64
+    count: int  # rows R
+    length: int  # columns T
+    covered: int  # positions the blocks cover
+
+
+def pack_rows(block_sizes: Sequence[int], capacity: int) -> PackedRows:
+    """Blocks (in order) into rows of at most ``capacity`` positions, a new row when the next
+    block does not fit (a block longer than ``capacity`` gets a row of its own).  On the host."""
+    row, offset, fill = [], [], 0
+    current = 0
+    for size in block_sizes:
+        if fill and fill + size > capacity:
+            current, fill = current + 1, 0
+        row.append(current)
+        offset.append(fill)
+        fill += size
+    widths = [0] * (current + 1) if block_sizes else [0]
+    for r, o, size in zip(row, offset, block_sizes):
+        widths[r] = max(widths[r], o + size)
+    return PackedRows(torch.tensor(row, dtype=torch.int64), torch.tensor(offset, dtype=torch.int64), len(widths),
+                      max(widths), sum(block_sizes))
 
 
 def plan_prompts_only(task_ids: Tensor, prompt_rows: int, *, position_offset: int = 0) -> LayoutPlan:

@@ -84,7 +84,7 @@ import torch
 from torch import Tensor, nn
 
 from lopa._validation import INT_DTYPES, require_float_dtype, require_ndim, require_size, require_tensor, shape_str
-from lopa.assemble import AssembledInputs, assemble, assemble_inputs, insert_virtual, left_align, take_positions
+from lopa.assemble import AssembledInputs, assemble, assemble_inputs, left_align
 from lopa.encoders import resolve_encoder, saved_encoder, shares_model
 from lopa.fsdp import readable_weight, replicate_across_shards, sharded_parameter_names, unshard_path
 from lopa.hf import (
@@ -109,6 +109,7 @@ from lopa.packing import (
     looks_packed,
     padded_attention_mask,
     parse_packed,
+    row_layout,
     trusted_packed,
 )
 from lopa.prefix import PrefixUnsupported, causal_lm_loss, compute_prefix, row_inputs, rows_cache, unsupported_reason
@@ -197,6 +198,18 @@ def _require_shape(name: str, t, shape: tuple, what: str) -> None:
     require_tensor(name, t)
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have {what} {tuple(shape)}, got {shape_str(t)}")
+
+
+def _spread(values: Tensor, plan, fill) -> Tensor:
+    """A packed ``(1, N)`` tensor (ids, labels) laid out in the plan's ``(R, T)`` rows; ``fill`` elsewhere."""
+    out = values.new_full((plan.num_rows * plan.length,), fill)
+    return out.index_put_((plan.token_positions[0],), values[0]).view(plan.num_rows, plan.length)
+
+
+def _gather(values: Tensor, plan) -> Tensor:
+    """The ``(1, N, ...)`` token positions of an ``(R, T, ...)`` output of packed rows."""
+    flat = values.reshape(plan.num_rows * plan.length, *values.shape[2:])
+    return flat.index_select(0, plan.token_positions[0])[None]
 
 
 def _holds_cache(kwargs: dict) -> bool:
@@ -839,34 +852,44 @@ class PromptTunedModel(nn.Module):
             _require_ids_in_range("input_ids", input_ids, weight.shape[0], "the embedding table")
 
     def _forward_packed(self, input_ids, position_ids, attention_mask, labels, pooled, kwargs):
-        """``forward`` of a padding-free packed batch (``transformers.DataCollatorWithFlattening``)."""
+        """``forward`` of a padding-free packed batch (``transformers.DataCollatorWithFlattening``).
+
+        The sequences are laid out in rows of bounded length (:func:`lopa.packing.row_layout`),
+        each row with a block-causal mask; outputs come back as ``(1, N, ...)`` in the input's order.
+        """
         seqs = self._parse_packed(input_ids, position_ids, attention_mask, labels, pooled, kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
         kwargs.setdefault("use_cache", False)
         state = self._prefix_or_none(logits=labels is not None) if self.prompt_layout == "shared_prefix" else None
         if state is not None:
-            output = self._packed_rows(self.base_model, input_ids, position_ids, seqs, state, kwargs)
-            if labels is None:
-                return output
-            at = (torch.zeros_like(seqs.starts), seqs.starts)
-            first = state.first_logits.expand(seqs.count, -1)
-            loss = causal_lm_loss(first, at, output.logits, labels, num_items)
-            return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
+            output, plan = self._packed_rows(self.base_model, input_ids, seqs, state, kwargs)
+            loss = None
+            if labels is not None:
+                at = (plan.blocks[:, 0], plan.blocks[:, 1])  # each sequence's first token, predicted by the prefix
+                loss = causal_lm_loss(state.first_logits.expand(seqs.count, -1), at, output.logits,
+                                      _spread(labels, plan, -100), num_items)
+            return self._packed_output(output, plan, loss)
         pooled = self._packed_instance_vectors(input_ids, seqs, pooled)
         embeds, plan = self._packed_embeds(input_ids, seqs, pooled)
-        mask = self._block_mask(plan.position_block[0], None, embeds.dtype)
+        mask = self._block_mask(plan.position_block, None, embeds.dtype)
         if labels is not None:
-            kwargs["labels"] = insert_virtual(labels, plan.token_positions, plan.length, -100)
+            kwargs["labels"] = _spread(labels, plan, -100)
         if num_items is not None:
             kwargs["num_items_in_batch"] = num_items
         output = self.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=plan.position_ids,
                                  return_dict=True, **kwargs)
-        for key in ("logits", "hidden_states"):
-            value = output.get(key)
-            if value is not None:
-                strip = lambda t: take_positions(t, plan.token_positions, False)  # noqa: E731
-                output[key] = tuple(strip(t) for t in value) if isinstance(value, tuple) else strip(value)
-        return output
+        return self._packed_output(output, plan, output.get("loss"))
+
+    @staticmethod
+    def _packed_output(output, plan, loss):
+        """The model's output for packed rows, its token-level tensors gathered back to ``(1, N, ...)``."""
+        values = {}
+        for key, value in output.items():
+            if key in ("logits", "hidden_states", "last_hidden_state"):
+                value = tuple(_gather(t, plan) for t in value) if isinstance(value, tuple) else _gather(value, plan)
+            values[key] = value
+        values["loss"] = loss
+        return type(output)(**values)
 
     def _parse_packed(self, input_ids, position_ids, attention_mask, labels, pooled, kwargs) -> PackedSequences:
         if self.task != "causal_lm":
@@ -898,15 +921,26 @@ class PromptTunedModel(nn.Module):
         additive = getattr(self.base_model.config, "_attn_implementation", "eager") == "eager"
         return block_attention_mask(blocks, blocks, prefix_keys, dtype=dtype, additive=additive)
 
-    def _packed_rows(self, module, input_ids, position_ids, seqs, state, kwargs):
-        """``module`` run on a packed row behind the shared prefix (each sequence sees the prefix and itself)."""
+    def _packed_layout(self, seqs: PackedSequences, per_sequence: int):
+        """Rows of bounded length for the packed sequences (one host read of their lengths); a batch
+        the caller vouches for keeps one row, read without a sync."""
+        return row_layout(seqs, per_sequence) if self._checks_data() else None
+
+    def _packed_rows(self, module, input_ids, seqs, state, kwargs):
+        """``module`` run on the packed sequences behind the shared prefix (each sees the prefix and
+        itself); returns its output on the ``(R, T)`` rows and their plan."""
         offset, _ = self._position
+        plan = plan_packed(input_ids, seqs.starts, seqs.lengths, state.length, inline_prompt=False,
+                           position_offset=offset, rows=self._packed_layout(seqs, 0))
+        rows, length = plan.num_rows, plan.length
+        ids = _spread(input_ids, plan, 0)  # pads read token 0: masked, and their outputs are dropped
         dtype = self.base_model.get_input_embeddings().weight.dtype
-        prefix_keys = torch.ones(seqs.total, state.length, dtype=torch.bool, device=input_ids.device)
-        mask = self._block_mask(seqs.sequence_of_token, prefix_keys, dtype)
-        positions = position_ids.to(torch.int64) + state.length + offset
-        return module(input_ids=input_ids, attention_mask=mask, position_ids=positions, return_dict=True,
-                      **self._cache_kwargs(module, rows_cache(state, self.base_model.config, None, 1)), **kwargs)
+        prefix_keys = torch.ones(rows, length, state.length, dtype=torch.bool, device=input_ids.device)
+        mask = self._block_mask(plan.position_block, prefix_keys, dtype)
+        cache = rows_cache(state, self.base_model.config, None, rows)
+        output = module(input_ids=ids, attention_mask=mask, position_ids=plan.position_ids, return_dict=True,
+                        **self._cache_kwargs(module, cache), **kwargs)
+        return output, plan
 
     def _packed_instance_vectors(self, input_ids, seqs: PackedSequences, pooled):
         """LoPA's encoder vector per packed sequence: ``pooled`` as given, or the encoder run on the
@@ -929,7 +963,9 @@ class PromptTunedModel(nn.Module):
             table = embedding(input_ids)[0]
             token_ids = torch.arange(seqs.total, device=input_ids.device)[None]
         offset, _ = self._position
-        plan = plan_packed(token_ids, seqs.starts, seqs.lengths, self.num_virtual_tokens, position_offset=offset)
+        m = self.num_virtual_tokens
+        plan = plan_packed(token_ids, seqs.starts, seqs.lengths, m, position_offset=offset,
+                           rows=self._packed_layout(seqs, m))
         embeds = assemble(table, plan, self.prompt.prompt_source(pooled), backend=self.assembly_backend)
         return embeds, plan
 
@@ -949,13 +985,13 @@ class PromptTunedModel(nn.Module):
             seqs = self._parse_packed(input_ids, position_ids, attention_mask, None, pooled, packed)
             state = self._prefix_or_none(logits=False) if self.prompt_layout == "shared_prefix" else None
             if state is not None:
-                return self._packed_rows(backbone, input_ids, position_ids, seqs, state, {"use_cache": False}) \
-                    .last_hidden_state
+                out, plan = self._packed_rows(backbone, input_ids, seqs, state, {"use_cache": False})
+                return _gather(out.last_hidden_state, plan)
             pooled = self._packed_instance_vectors(input_ids, seqs, pooled)
             embeds, plan = self._packed_embeds(input_ids, seqs, pooled)
-            out = backbone(inputs_embeds=embeds, attention_mask=self._block_mask(plan.position_block[0], None, embeds.dtype),
+            out = backbone(inputs_embeds=embeds, attention_mask=self._block_mask(plan.position_block, None, embeds.dtype),
                            position_ids=plan.position_ids, use_cache=False, return_dict=True)
-            return take_positions(out.last_hidden_state, plan.token_positions, False)
+            return _gather(out.last_hidden_state, plan)
         self._check_inputs(input_ids, attention_mask, pooled=pooled)
         state = self._prefix_or_none(logits=False) if self.prompt_layout == "shared_prefix" else None
         if state is not None:

@@ -201,11 +201,13 @@ def causal_lm_loss(first_logits: Tensor, first_at: Tuple[Tensor, Tensor], logits
     """
     rows, cols = first_at
     first_labels = labels[rows, cols]
+    # The label each logit predicts: the next position's (-100 at the end of a row and where the
+    # prefix predicts it); shifting the labels, not the logits, keeps the logits un-copied.
     later = labels.clone()
     later[rows, cols] = -100  # predicted by the prefix, not by the position before it
-    later = later[:, 1:]
+    later = torch.cat([later[:, 1:], later.new_full((later.shape[0], 1), -100)], dim=1)
     vocab = logits.shape[-1]
-    total = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), later.reshape(-1), ignore_index=-100,
+    total = F.cross_entropy(logits.reshape(-1, vocab).float(), later.reshape(-1), ignore_index=-100,
                             reduction="sum")
     total = total + F.cross_entropy(first_logits.float(), first_labels, ignore_index=-100, reduction="sum")
     if num_items_in_batch is None:

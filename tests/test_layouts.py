@@ -147,7 +147,12 @@ def _packed(features):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", ["pt", "ulpt", "lopa"])
-def test_packed_batch_equals_each_sequence_alone(arch, method, one_thread):
+@pytest.mark.parametrize("capacity", [512, 9])
+def test_packed_batch_equals_each_sequence_alone(arch, method, capacity, one_thread, monkeypatch):
+    """One row, and several rows of at most `capacity` positions (a block longer gets its own)."""
+    from lopa import packing
+
+    monkeypatch.setattr(packing, "ROW_CAPACITY", capacity)
     model = _model(arch, method)
     lengths = [5, 1, 7, 3]
     features = _features(lengths, seed=3)
@@ -272,3 +277,13 @@ def test_validated_step_has_no_cuda_sync():
         model(ids, mask, labels=ids).loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_pack_rows_keeps_blocks_whole_and_in_order():
+    from lopa.layout import pack_rows
+
+    rows = pack_rows([5, 3, 4, 9, 1, 1], capacity=8)
+    assert rows.row.tolist() == [0, 0, 1, 2, 3, 3] and rows.offset.tolist() == [0, 5, 0, 0, 0, 1]
+    assert (rows.count, rows.length, rows.covered) == (4, 9, 23)
+    one = pack_rows([2, 2], capacity=512)
+    assert one.count == 1 and one.length == 4
