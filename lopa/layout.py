@@ -28,8 +28,9 @@ layout") draws the same pictures.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -146,6 +147,35 @@ def _blocks(*columns: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- padded batches
+# The parts of a padded batch's plan that depend only on its shape, kept for the last few
+# shapes: a training step rebuilds its plan every time, and at prompt-tuning sizes each small
+# tensor op costs about as much as the assembly kernel's work.  Read-only by convention (no
+# plan tensor is ever written); not cached while torch.compile traces (it sees plain ops).
+_PADDED_CONSTANTS: "OrderedDict[tuple, Tuple[Tensor, ...]]" = OrderedDict()
+_PADDED_CONSTANTS_KEPT = 8
+
+
+def _padded_constants(batch: int, length: int, m: int, device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(blocks with split 0, position_block, arange(length), zeros(batch))`` of a ``(batch,
+    length)`` batch with ``m`` prompt rows."""
+    compiling = torch.compiler.is_compiling()
+    # Tensors made in inference mode cannot be saved for backward outside it: kept apart.
+    key = None if compiling else (batch, length, m, torch.device(device), torch.is_inference_mode_enabled())
+    if key is not None and key in _PADDED_CONSTANTS:
+        _PADDED_CONSTANTS.move_to_end(key)
+        return _PADDED_CONSTANTS[key]
+    rows = torch.arange(batch, device=device)
+    template = _blocks(rows, torch.zeros_like(rows), torch.full_like(rows, length), torch.zeros_like(rows),
+                       torch.full_like(rows, m), rows * length)
+    value = (template, rows[:, None].expand(batch, length + m).contiguous(), torch.arange(length, device=device),
+             torch.zeros_like(rows))
+    if key is not None:
+        _PADDED_CONSTANTS[key] = value
+        while len(_PADDED_CONSTANTS) > _PADDED_CONSTANTS_KEPT:
+            _PADDED_CONSTANTS.popitem(last=False)
+    return value
+
+
 def plan_padded(token_ids: Tensor, attention_mask: Optional[Tensor], prompt_rows: int, *,
                 task_ids: Optional[Tensor] = None, position_offset: int = 0,
                 pad_position: Optional[int] = None, check_padding: bool = True,
@@ -165,12 +195,11 @@ def plan_padded(token_ids: Tensor, attention_mask: Optional[Tensor], prompt_rows
     m = int(prompt_rows)
     if starts is None:
         starts = first_token_index(attention_mask, batch, length, device)
-    rows = torch.arange(batch, device=device)
-    blocks = _blocks(rows, torch.zeros_like(rows), torch.full_like(rows, length), starts,
-                     torch.full_like(rows, m), rows * length)
+    template, position_block, j, zeros = _padded_constants(batch, length, m, device)
+    blocks = template.clone()
+    blocks[:, SPLIT] = starts
     if task_ids is None:
-        task_ids = torch.zeros(batch, dtype=torch.int64, device=device)
-    j = torch.arange(length, device=device)
+        task_ids = zeros
     token_positions = (j >= starts[:, None]).to(torch.int64).mul_(m).add_(j)
     mask = torch.ones(batch, length + m, dtype=torch.int64, device=device)
     if attention_mask is not None:
@@ -180,7 +209,7 @@ def plan_padded(token_ids: Tensor, attention_mask: Optional[Tensor], prompt_rows
     follow = tokens_follow_prompt
     if follow is None and check_padding and not torch.compiler.is_compiling() and batch:
         follow = bool(starts.max() == 0)
-    return LayoutPlan(blocks, task_ids, rows[:, None].expand(batch, length + m).contiguous(),
+    return LayoutPlan(blocks, task_ids, position_block,
                       token_ids.reshape(-1) if token_ids.dtype == torch.int64 else token_ids.reshape(-1).to(torch.int64),
                       0, m, mask, position_ids, token_positions, follow)
 
@@ -280,21 +309,66 @@ class PackedRows:
 
 
 def pack_rows(block_sizes: Sequence[int], capacity: int) -> PackedRows:
-    """Blocks (in order) into rows of at most ``capacity`` positions, a new row when the next
-    block does not fit (a block longer than ``capacity`` gets a row of its own).  On the host."""
-    row, offset, fill = [], [], 0
-    current = 0
-    for size in block_sizes:
-        if fill and fill + size > capacity:
-            current, fill = current + 1, 0
-        row.append(current)
-        offset.append(fill)
-        fill += size
-    widths = [0] * (current + 1) if block_sizes else [0]
-    for r, o, size in zip(row, offset, block_sizes):
-        widths[r] = max(widths[r], o + size)
-    return PackedRows(torch.tensor(row, dtype=torch.int64), torch.tensor(offset, dtype=torch.int64), len(widths),
-                      max(widths), sum(block_sizes))
+    """Blocks into rows of at most ``capacity`` positions, or of the longest block's length when
+    that is longer (every row is padded to the longest anyway), every block whole in one row;
+    on the host.
+
+    The rows are padded to the longest, so what a model pays is ``rows x length`` positions (and
+    attention grows with ``length``): of first-fit-decreasing packings into a few row counts
+    and widths, the one with the fewest padded positions is kept, then the shortest rows.
+    Blocks keep their order within a row; rows are filled largest block first.
+    """
+    sizes = [int(n) for n in block_sizes]
+    if not sizes:
+        return PackedRows(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), 1, 0, 0)
+    best = None
+    for width in _row_widths(sizes, int(capacity)):
+        row = _first_fit_decreasing(sizes, width)
+        count = max(row) + 1
+        fill = [0] * count
+        for r, n in zip(row, sizes):
+            fill[r] += n
+        key = (count * max(fill), max(fill))
+        if best is None or key < best[0]:
+            best = (key, row, count)
+    _, row, count = best
+    offset, fill = [], [0] * count
+    for r, n in zip(row, sizes):
+        offset.append(fill[r])
+        fill[r] += n
+    return PackedRows(torch.tensor(row, dtype=torch.int64), torch.tensor(offset, dtype=torch.int64), count,
+                      max(fill), sum(sizes))
+
+
+def _row_widths(sizes: List[int], capacity: int) -> List[int]:
+    """Row widths worth trying: one block per row (a padded batch), the capacity, and the widths
+    that split the blocks evenly over the fewest rows that hold them and a few more rows."""
+    longest, total = max(sizes), sum(sizes)
+    cap = max(capacity, longest)
+    widths = {longest, cap}
+    if len(sizes) > 256:  # the search is quadratic in the blocks: a large batch gets the two plain choices
+        return sorted(widths)
+    fewest = -(-total // cap)
+    for rows in range(fewest, min(len(sizes), fewest + 4) + 1):
+        even = max(longest, -(-total // rows))
+        widths.update(min(cap, even + extra) for extra in (0, longest // 4, longest // 2))
+    return sorted(widths)
+
+
+def _first_fit_decreasing(sizes: List[int], width: int) -> List[int]:
+    """Each block's row: largest first, into the first row with room (a new row otherwise)."""
+    fill: List[int] = []
+    row = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        for r, used in enumerate(fill):
+            if used + sizes[i] <= width:
+                fill[r] += sizes[i]
+                row[i] = r
+                break
+        else:
+            fill.append(sizes[i])
+            row[i] = len(fill) - 1
+    return row
 
 
 def plan_prompts_only(task_ids: Tensor, prompt_rows: int, *, position_offset: int = 0) -> LayoutPlan:

@@ -283,7 +283,50 @@ def test_pack_rows_keeps_blocks_whole_and_in_order():
     from lopa.layout import pack_rows
 
     rows = pack_rows([5, 3, 4, 9, 1, 1], capacity=8)
-    assert rows.row.tolist() == [0, 0, 1, 2, 3, 3] and rows.offset.tolist() == [0, 5, 0, 0, 0, 1]
-    assert (rows.count, rows.length, rows.covered) == (4, 9, 23)
+    _check_rows(rows, [5, 3, 4, 9, 1, 1], 8)
+    assert (rows.count, rows.length, rows.covered) == (3, 9, 23)  # 23 positions fit no fewer rows of 9
     one = pack_rows([2, 2], capacity=512)
-    assert one.count == 1 and one.length == 4
+    assert (one.count, one.length) == (2, 2)  # as many positions as one row of 4, shorter attention
+    empty = pack_rows([], capacity=8)
+    assert empty.row.numel() == 0 and empty.covered == 0
+
+
+def _check_rows(rows, sizes, capacity):
+    """Every block whole in one row, no two overlapping, rows within the capacity or the longest block,
+    blocks in their order within a row, and the rows as wide as their fullest."""
+    spans = {}
+    for i, (r, o, n) in enumerate(zip(rows.row.tolist(), rows.offset.tolist(), sizes)):
+        assert 0 <= r < rows.count and o >= 0 and o + n <= rows.length
+        spans.setdefault(r, []).append((o, o + n, i))
+    fills = []
+    for r, row in spans.items():
+        row.sort()
+        assert [i for _, _, i in row] == sorted(i for _, _, i in row), "blocks out of order within a row"
+        assert all(a[1] <= b[0] for a, b in zip(row, row[1:])), "blocks overlap"
+        assert row[-1][1] <= max(capacity, max(sizes))
+        fills.append(row[-1][1])
+    assert sorted(spans) == list(range(rows.count)) and max(fills) == rows.length
+    assert rows.covered == sum(sizes)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pack_rows_pads_no_more_than_padding_or_next_fit(seed):
+    """The chosen rows never cost more padded positions than one block per row (a padded batch)
+    or than filling rows in order, on sentence-like lengths with and without 100 prompt rows."""
+    from lopa.layout import pack_rows
+
+    g = torch.Generator().manual_seed(seed)
+    for extra in (0, 10, 100):
+        sizes = (torch.randint(3, 84, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g) + extra).tolist()
+        for capacity in (64, 512):
+            rows = pack_rows(sizes, capacity)
+            _check_rows(rows, sizes, capacity)
+            next_fit, fill = [0], 0
+            for n in sizes:
+                if fill and fill + n > max(capacity, max(sizes)):
+                    next_fit.append(0)
+                    fill = 0
+                fill += n
+                next_fit[-1] = fill
+            assert rows.count * rows.length <= len(sizes) * max(sizes)
+            assert rows.count * rows.length <= len(next_fit) * max(next_fit)
