@@ -91,7 +91,11 @@ print(json.dumps({"case": case, "ms": ms}))
 
 
 def run_case(tree: str, case: str, threads: int, reps: int) -> float:
-    env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS=str(threads))
+    # glibc hands a freed multi-MB block back to the OS or keeps it depending on the heap's history,
+    # so one tree's calls could pay ~700 page faults for their output and the other's none; both
+    # trees run with the same fixed thresholds, which keep freed memory (no fault per call).
+    env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS=str(threads), MALLOC_TRIM_THRESHOLD_="1000000000",
+               MALLOC_MMAP_THRESHOLD_="1000000000")
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-c", WORKER, case, str(threads), str(reps)], cwd=tree, env=env,
                          capture_output=True, text=True, timeout=1200)
@@ -106,7 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--after", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     parser.add_argument("--out", default="out/before_after")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--reps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     times: Dict[str, Dict[str, List[float]]] = {c: {"before": [], "after": []} for c in CASES}
@@ -121,7 +125,8 @@ def main(argv=None) -> int:
             print(f"round {r} {case}: before {times[case]['before'][-1]:.3f} ms, after {times[case]['after'][-1]:.3f} ms",
                   flush=True)
     lines = [f"CPU, {args.threads} thread(s), median over {args.rounds} rounds of each tree's median of "
-             f"{args.reps} calls ({time.time() - started:.0f} s in all); before: {args.before}", "",
+             f"{args.reps} calls ({time.time() - started:.0f} s in all), glibc's trim and mmap thresholds fixed for "
+             f"both trees; before: {args.before}", "",
              "| case | before ms | after ms | after vs before |", "|---|---|---|---|"]
     rows = []
     for case in CASES:

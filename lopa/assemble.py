@@ -339,12 +339,12 @@ def _backward(grad: Tensor, a: _Inputs, need_table: bool, need_source: Sequence[
 def _prompt_slot_gradient(grad: Tensor, blocks: Tensor, m: int) -> Tensor:
     """``(S, m, d)``: the output gradient at every block's prompt rows (zeros for blocks without)."""
     rows, length, dim = grad.shape
-    has = blocks[:, 4] > 0
-    first = torch.where(has, blocks[:, 0] * length + blocks[:, 1] + blocks[:, 3], 0)
-    # Whole rows by index_select (a row copy each): advanced indexing is ~8x slower here.
-    index = (first[:, None] + torch.arange(m, device=grad.device)[None, :]).reshape(-1).clamp_(max=rows * length - 1)
+    first = (blocks[:, 0] * length).add_(blocks[:, 1]).add_(blocks[:, 3])
+    # Whole rows by index_select (a row copy each): advanced indexing is ~8x slower here.  A block
+    # without prompt rows reads any row in range; the multiply below zeroes it.
+    index = (first[:, None] + torch.arange(m, device=grad.device)[None, :]).view(-1).clamp_(max=rows * length - 1)
     slots = grad.reshape(rows * length, dim).index_select(0, index).view(blocks.shape[0], m, dim)
-    return slots.mul_(has.to(slots.dtype)[:, None, None])
+    return slots.mul_((blocks[:, 4] > 0).to(slots.dtype)[:, None, None])
 
 
 def _table_gradient(grad: Tensor, a: _Inputs) -> Tensor:
