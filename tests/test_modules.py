@@ -1,4 +1,4 @@
-"""Prompt modules: initialisations (SPEC), forward math against plain torch, dtype handling."""
+"""Prompt modules: initialisations (docs/math.md), forward math against plain torch, dtype handling."""
 import pytest
 import torch
 

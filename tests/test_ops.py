@@ -298,14 +298,20 @@ def _gate_with_inf(where):
 def test_gate_inf_input_near_tile_edges(backend, device, where):
     ins64 = [t.requires_grad_() for t in _gate_with_inf(where)]
     grad = torch.rand(2, 7, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(13)) + 0.5
-    want = lopa.gated_lowrank_prompt(*ins64, backend="reference")
+    _check_float32_with_infinities(lopa.gated_lowrank_prompt, ins64, grad, ("zs", "u", "v"), backend, device)
+
+
+def _check_float32_with_infinities(op, ins64, grad, names, backend, device):
+    """``op`` in float32 on ``backend`` (poisoned outputs) against the float64 reference, value
+    and gradients, where inputs hold infinities."""
+    want = op(*ins64, backend="reference")
     want_grads = torch.autograd.grad(want, ins64, grad)
     ins = [t.detach().float().to(device).requires_grad_() for t in ins64]
     with poisoned_outputs():
-        out = lopa.gated_lowrank_prompt(*ins, backend=backend)
+        out = op(*ins, backend=backend)
         grads = torch.autograd.grad(out, ins, grad.float().to(device))
     assert_matches_with_infinities(out, want, torch.float32, "out")
-    for name, a, b in zip(("zs", "u", "v"), grads, want_grads):
+    for name, a, b in zip(names, grads, want_grads):
         assert_matches_with_infinities(a, b, torch.float32, f"grad {name}")
 
 
@@ -320,15 +326,7 @@ def test_ulpt_inf_input_near_tile_edges(backend, device, where):
     scale[5] = abs(scale[5])
     ins64 = [t.requires_grad_() for t in (z, proj, scale, shift)]
     grad = torch.rand(3, 13, dtype=torch.float64, generator=g) + 0.5
-    want = lopa.ulpt_prompt(*ins64, backend="reference")
-    want_grads = torch.autograd.grad(want, ins64, grad)
-    ins = [t.detach().float().to(device).requires_grad_() for t in ins64]
-    with poisoned_outputs():
-        out = lopa.ulpt_prompt(*ins, backend=backend)
-        grads = torch.autograd.grad(out, ins, grad.float().to(device))
-    assert_matches_with_infinities(out, want, torch.float32, "out")
-    for name, a, b in zip(("z", "proj", "scale", "shift"), grads, want_grads):
-        assert_matches_with_infinities(a, b, torch.float32, f"grad {name}")
+    _check_float32_with_infinities(lopa.ulpt_prompt, ins64, grad, ("z", "proj", "scale", "shift"), backend, device)
 
 
 # Views whose element offsets pass 2^31 without 8 GB of memory: a sparse file mapped into

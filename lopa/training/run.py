@@ -223,7 +223,7 @@ def _pooled(spec: RunSpec, texts: List[str], lm, tokenizer, encoder, *, cache: b
 
 
 def _self_features(lm, tokenizer, texts: List[str], batch_size: int = 32) -> torch.Tensor:
-    """The LM's own last-token hidden state (SPEC §1's encoder for a decoder LM)."""
+    """The LM's own last-token hidden state (the encoder of docs/math.md §1 for a decoder LM)."""
     from lopa.encoders import InstanceEncoder
 
     enc = InstanceEncoder(lm, "last", tokenizer=tokenizer, max_length=128)

@@ -47,7 +47,7 @@ def test_smollm2_zero_shot_and_lopa_with_minilm(real_cache, tmp_path):
     assert metrics["accuracy"] >= 0.6, metrics  # the instruct model knows sentiment (~70 % zero-shot)
 
     model = build_model(spec, prepared, seed=0)
-    assert model.num_trainable_parameters() == 805_288  # SPEC §1: m=10, r=4, H=256, h=384, d=576
+    assert model.num_trainable_parameters() == 805_288  # docs/math.md §1: m=10, r=4, H=256, h=384, d=576
     trainer = Trainer(model, prepared.task, prepared.splits["train"], prepared.splits["validation"],
                       TrainConfig(output_dir=str(tmp_path), max_steps=2, batch_size=4, eval_every=2, lr=1e-3,
                                   progress=False))
