@@ -576,7 +576,7 @@ class PromptTunedModel(nn.Module):
                 raise ValueError(f"pooled must have shape (B, {h}) with B = {batch} (one encoder vector per row), "
                                  f"got {shape_str(pooled)}")
             require_float_dtype("pooled", pooled)
-            _require_device("pooled", pooled, self.prompt.zs.device)
+            _require_device("pooled", pooled, next(self.prompt.parameters()).device)
             return
         if example_ids is not None and len(example_ids) != batch:
             raise ValueError(f"example_ids must have one entry per row ({batch}), got {len(example_ids)}")

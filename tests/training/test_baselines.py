@@ -71,3 +71,24 @@ def test_baselines_train_inside_prompt_tuned_model(tiny_assets, kind):
     grads = [p.grad for p in prompt.parameters()]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for p in lm.parameters())
+
+
+def test_idpg_takes_pooled_vectors_like_lopa(tiny_assets):
+    """Evaluation hands IDPG precomputed encoder vectors (``pooled=``), as it does LoPA: the
+    check of their device must not assume LoPA's parameters (it read ``prompt.zs``)."""
+    from transformers import AutoModelForCausalLM
+
+    from lopa.model import PromptTunedModel
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_assets["lm"])
+    d = lm.config.hidden_size
+    model = PromptTunedModel(lm, IDPGPrompt(3, d, encoder_dim=d, hidden=8)).eval()  # the frozen LM encodes
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    pooled = torch.randn(2, d, generator=torch.Generator().manual_seed(0))
+    hidden = model.hidden_states(ids, torch.ones_like(ids), pooled=pooled)
+    assert hidden.shape[:2] == (2, 4) and torch.isfinite(hidden).all()
+    logits = model(input_ids=ids, pooled=pooled).logits
+    alone = model(input_ids=ids[1:], pooled=pooled[1:]).logits
+    torch.testing.assert_close(logits[1:], alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pooled"):
+        model(input_ids=ids, pooled=torch.randn(3, d))
