@@ -35,7 +35,7 @@ def _prefix_forward(model, ids, mask, labels):
     batch, length = ids.shape
     cache = prefix.rows_cache(state, base.config, None, batch)
     full_mask, positions = prefix.row_inputs(state.length, mask, batch, length, ids.device, offset, pad)
-    out = base(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache)
+    out = base(input_ids=ids, attention_mask=full_mask, position_ids=positions, **{prefix._cache_argument(base): cache})
     masked = labels.masked_fill(mask == 0, -100)
     starts = first_token_index(mask, batch, length, ids.device)
     loss = prefix.causal_lm_loss(state.first_logits.expand(batch, -1), (torch.arange(batch), starts), out.logits,

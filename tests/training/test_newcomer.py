@@ -112,8 +112,11 @@ def _cli(args, env_extra=None, **kw):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop(KILL_ENV, None)
     env.update(env_extra or {})
+    # A test run started in the background of a non-interactive shell inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: the child gets the default disposition back.
     return subprocess.Popen([sys.executable, "-m", "lopa", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def test_a_real_sigint_prints_one_line_and_exits_130(tiny_assets, tmp_path):
