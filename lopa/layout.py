@@ -323,14 +323,10 @@ def pack_rows(block_sizes: Sequence[int], capacity: int) -> PackedRows:
         return PackedRows(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), 1, 0, 0)
     best = None
     for width in _row_widths(sizes, int(capacity)):
-        row = _first_fit_decreasing(sizes, width)
-        count = max(row) + 1
-        fill = [0] * count
-        for r, n in zip(row, sizes):
-            fill[r] += n
-        key = (count * max(fill), max(fill))
+        row, fill = _first_fit_decreasing(sizes, width)
+        key = (len(fill) * max(fill), max(fill))
         if best is None or key < best[0]:
-            best = (key, row, count)
+            best = (key, row, len(fill))
     _, row, count = best
     offset, fill = [], [0] * count
     for r, n in zip(row, sizes):
@@ -355,8 +351,9 @@ def _row_widths(sizes: List[int], capacity: int) -> List[int]:
     return sorted(widths)
 
 
-def _first_fit_decreasing(sizes: List[int], width: int) -> List[int]:
-    """Each block's row: largest first, into the first row with room (a new row otherwise)."""
+def _first_fit_decreasing(sizes: List[int], width: int) -> Tuple[List[int], List[int]]:
+    """``(each block's row, each row's fill)``: largest first, into the first row with room (a
+    new row otherwise)."""
     fill: List[int] = []
     row = [0] * len(sizes)
     for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
@@ -368,7 +365,7 @@ def _first_fit_decreasing(sizes: List[int], width: int) -> List[int]:
         else:
             fill.append(sizes[i])
             row[i] = len(fill) - 1
-    return row
+    return row, fill
 
 
 def plan_prompts_only(task_ids: Tensor, prompt_rows: int, *, position_offset: int = 0) -> LayoutPlan:

@@ -84,7 +84,7 @@ import torch
 from torch import Tensor, nn
 
 from lopa._validation import INT_DTYPES, require_float_dtype, require_ndim, require_size, require_tensor, shape_str
-from lopa.assemble import AssembledInputs, assemble, assemble_inputs, left_align
+from lopa.assemble import AssembledInputs, assemble, assemble_inputs, insert_virtual, left_align
 from lopa.encoders import resolve_encoder, saved_encoder, shares_model
 from lopa.fsdp import readable_weight, replicate_across_shards, sharded_parameter_names, unshard_path
 from lopa.hf import (
@@ -202,12 +202,13 @@ def _require_shape(name: str, t, shape: tuple, what: str) -> None:
 
 def _spread(values: Tensor, plan, fill) -> Tensor:
     """A packed ``(1, N)`` tensor (ids, labels) laid out in the plan's ``(R, T)`` rows; ``fill`` elsewhere."""
-    out = values.new_full((plan.num_rows * plan.length,), fill)
-    return out.index_put_((plan.token_positions[0],), values[0]).view(plan.num_rows, plan.length)
+    return insert_virtual(values, plan.token_positions, plan.num_rows * plan.length, fill).view(plan.num_rows,
+                                                                                                plan.length)
 
 
 def _gather(values: Tensor, plan) -> Tensor:
-    """The ``(1, N, ...)`` token positions of an ``(R, T, ...)`` output of packed rows."""
+    """The ``(1, N, ...)`` token positions of an ``(R, T, ...)`` output of packed rows: whole rows
+    by ``index_select`` (``take_positions``' advanced indexing is several times slower on one row)."""
     flat = values.reshape(plan.num_rows * plan.length, *values.shape[2:])
     return flat.index_select(0, plan.token_positions[0])[None]
 

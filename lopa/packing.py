@@ -41,18 +41,20 @@ class PackedSequences:
                                        output_size=self.total)
 
 
-# Packed sequences go into rows of at most this many positions (a longer block gets its own row):
+# Packed sequences go into rows of at most this many positions (or the longest block's length):
 # attention over a row costs the square of its length, so one row of a whole batch (2,099
 # positions for 16 sentences with 100 LoPA prompt rows each) spent half a SmolLM2 step in
 # attention on the CPU.  At 512 positions the attention of SmolLM2's width stays a small part
-# of its MLP work per token, and rows stay long enough that few positions are padding.
+# of its MLP work per token; within the bound, lopa.layout.pack_rows picks the rows with the
+# fewest padded positions.
 ROW_CAPACITY = 512
 
 
 def row_layout(seqs: "PackedSequences", per_sequence: int, capacity: Optional[int] = None):
     """The rows a packed batch is laid out in (:func:`lopa.layout.pack_rows`): each sequence's
     block (its tokens and ``per_sequence`` prompt rows) whole in one row of at most
-    ``capacity`` (default :data:`ROW_CAPACITY`) positions; reads the lengths on the host (one sync)."""
+    ``capacity`` (default :data:`ROW_CAPACITY`) positions or the longest block's; reads the
+    lengths on the host (one sync)."""
     from lopa.layout import pack_rows
 
     sizes = [n + per_sequence for n in seqs.lengths.tolist()]
